@@ -1,0 +1,192 @@
+"""The single door to a GEM model: open_clip name + weights -> `GemModel`.
+
+Weights are an open_clip pretrained tag (downloaded once into `cache_dir`) or a local
+checkpoint file, which is how offline and air-gapped sites run.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+import torch
+
+from .errors import GemError, UnsupportedModelError, WeightsNotFoundError
+from .model import GemModel
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+SUPPORTED_TOWERS = (
+    "open_clip VisionTransformer image towers (ViT-*, e.g. ViT-B-16, ViT-B-32, ViT-L-14, "
+    "ViT-H-14, ViT-B-16-quickgelu) built from standard residual attention blocks"
+)
+
+# Names and tags checked to load through this code path (see README, "Models and weights").
+KNOWN_GOOD = [
+    ("ViT-B-16", "openai"),
+    ("ViT-B-32", "openai"),
+    ("ViT-L-14", "openai"),
+    ("ViT-L-14-336", "openai"),
+    ("ViT-B-16", "laion2b_s34b_b88k"),
+    ("ViT-B-16-quickgelu", "metaclip_400m"),
+    ("ViT-L-14", "laion2b_s32b_b82k"),
+]
+
+
+def normalize_model_name(model_name: str) -> str:
+    """Accept the `ViT-B/16` spelling of the original CLIP release."""
+    if model_name.startswith(("hf-hub:", "local-dir:")):
+        return model_name
+    return model_name.replace("/", "-")
+
+
+def _is_supported_vision_cfg(model_cfg: Mapping[str, Any]) -> Optional[str]:
+    """None when the config describes a tower GEM supports, else the reason it does not."""
+    vision = model_cfg.get("vision_cfg", {})
+    if "timm_model_name" in vision:
+        return f"its image tower is a timm model ({vision['timm_model_name']})"
+    if isinstance(vision.get("layers"), (list, tuple)):
+        return "its image tower is a ResNet (ModifiedResNet)"
+    if vision.get("attentional_pool"):
+        return "its image tower ends in an attentional pooler (CoCa)"
+    if any(vision.get(k) for k in ("qk_norm", "scaled_cosine_attn", "scale_heads",
+                                   "scale_attn_inner", "scale_attn", "scale_fc")):
+        return "its image tower uses custom attention blocks"
+    return None
+
+
+def available_models() -> list[tuple[str, str]]:
+    """(model_name, pretrained_tag) pairs open_clip knows whose image tower GEM supports."""
+    import open_clip
+
+    pairs = []
+    for name, tag in open_clip.list_pretrained():
+        cfg = open_clip.get_model_config(name)
+        if cfg is not None and _is_supported_vision_cfg(cfg) is None:
+            pairs.append((name, tag))
+    return pairs
+
+
+def _register_config(model_name: str, model_config: Union[str, os.PathLike, Mapping[str, Any]]) -> None:
+    import open_clip
+
+    if isinstance(model_config, Mapping):
+        config = dict(model_config)
+    else:
+        path = Path(model_config)
+        if not path.is_file():
+            raise GemError(f"model config file not found: {path}")
+        try:
+            config = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise GemError(f"model config {path} is not valid JSON: {exc}") from exc
+    config = config.get("model_cfg", config)
+    if not all(k in config for k in ("embed_dim", "vision_cfg", "text_cfg")):
+        raise GemError("a model config needs 'embed_dim', 'vision_cfg' and 'text_cfg' "
+                       "(the open_clip model_configs/*.json format)")
+    # open_clip registers configs from files named after the model.
+    directory = Path(tempfile.mkdtemp(prefix="gem_model_cfg_"))
+    (directory / f"{model_name}.json").write_text(json.dumps(config))
+    open_clip.add_model_config(directory)
+
+
+def _looks_like_path(pretrained: str) -> bool:
+    return (os.sep in pretrained or pretrained.startswith(".")
+            or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors", ".ckpt")))
+
+
+def load_clip(model_name: str, pretrained: Optional[str], device: Union[str, torch.device] = "cpu",
+              model_config: Union[None, str, os.PathLike, Mapping[str, Any]] = None,
+              cache_dir: Optional[str] = None):
+    """Build the open_clip model with its weights, or raise a GemError that says what to do."""
+    import open_clip
+
+    model_name = normalize_model_name(model_name)
+    if model_config is not None:
+        _register_config(model_name, model_config)
+    schema = model_name.split(":", 1)[0] if model_name.startswith(("hf-hub:", "local-dir:")) else None
+    config = None if schema else open_clip.get_model_config(model_name)
+    if schema is None and config is None:
+        raise GemError(f"unknown model '{model_name}'. Use an open_clip name such as ViT-B-16 "
+                       f"(see gem_model.available_models()) or pass model_config for a custom architecture")
+    if config is not None:
+        reason = _is_supported_vision_cfg(config)
+        if reason:
+            raise UnsupportedModelError(f"GEM cannot use '{model_name}': {reason}. "
+                                        f"Supported: {SUPPORTED_TOWERS}.")
+
+    kwargs: dict[str, Any] = {"device": "cpu", "cache_dir": cache_dir}
+    if pretrained:
+        pretrained = str(pretrained)
+        tag_cfg = None if schema else open_clip.get_pretrained_cfg(model_name, pretrained)
+        if tag_cfg:
+            # The OpenAI weights were trained with QuickGELU: build the matching activation even
+            # when the plain name (ViT-B-16) is used, as the GEM paper does.
+            kwargs["force_quick_gelu"] = bool(tag_cfg.get("quick_gelu", False))
+        elif not os.path.isfile(pretrained):
+            if _looks_like_path(pretrained):
+                raise WeightsNotFoundError(f"checkpoint file not found: {pretrained}")
+            tags = open_clip.list_pretrained_tags_by_model(model_name) if config else []
+            raise WeightsNotFoundError(
+                f"'{pretrained}' is neither a pretrained tag of {model_name} nor a checkpoint file. "
+                f"Known tags: {', '.join(tags) or 'none'}")
+    try:
+        clip = open_clip.create_model(model_name, pretrained=pretrained or None, **kwargs)
+    except RuntimeError as exc:
+        text = str(exc)
+        if "download" in text.lower() or "hub" in text.lower():
+            raise WeightsNotFoundError(
+                f"could not download weights for {model_name} / {pretrained}: {text}. "
+                f"Offline? Download them once on a connected machine (python -m gem_model.prefetch "
+                f"--model {model_name} --pretrained {pretrained}) and set pretrained to the file path."
+            ) from exc
+        raise WeightsNotFoundError(f"could not load weights {pretrained!r} for {model_name}: {text}") from exc
+    except (OSError, EOFError, ValueError, KeyError, TypeError) as exc:
+        # torch.load on a truncated or foreign file raises any of these.
+        raise WeightsNotFoundError(f"could not read checkpoint {pretrained!r} for {model_name}: "
+                                   f"{type(exc).__name__}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - e.g. pickle errors from a corrupt file
+        if type(exc).__module__.startswith(("pickle", "_pickle", "zipfile", "safetensors")):
+            raise WeightsNotFoundError(f"checkpoint {pretrained!r} is corrupt: {exc}") from exc
+        raise
+    return clip, open_clip.get_tokenizer(model_name, cache_dir=cache_dir)
+
+
+def resolve_device(device: Union[None, str, torch.device]) -> torch.device:
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise GemError("device 'cuda' requested but torch sees no CUDA GPU; use device='cpu'")
+    return device
+
+
+def create_gem_model(model_name: str = "ViT-B-16", pretrained: Optional[str] = "openai",
+                     device: Union[None, str, torch.device] = "auto", gem_depth: int = 7,
+                     ss_attn_iter: int = 1, ss_attn_temp: Optional[float] = None,
+                     precision: str = "fp32",
+                     model_config: Union[None, str, os.PathLike, Mapping[str, Any]] = None,
+                     cache_dir: Optional[str] = None,
+                     prompt_template: str = "a photo of a {}.",
+                     text_cache_size: int = 4096) -> GemModel:
+    """Load an open_clip ViT and wrap it as a GEM model, in eval mode, on `device`.
+
+    `pretrained` is an open_clip tag (e.g. "openai", "laion2b_s34b_b88k") or a path to a local
+    checkpoint; None gives random weights (tests, benchmarks).
+    """
+    if precision not in PRECISIONS:
+        raise GemError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    device = resolve_device(device)
+    clip, tokenizer = load_clip(model_name, pretrained, device, model_config, cache_dir)
+    model = GemModel(clip, tokenizer, gem_depth=gem_depth, ss_attn_iter=ss_attn_iter,
+                     ss_attn_temp=ss_attn_temp, prompt_template=prompt_template,
+                     text_cache_size=text_cache_size)
+    model = model.to(device=device, dtype=PRECISIONS[precision]).eval()
+    model.model_name = normalize_model_name(model_name)
+    model.pretrained = pretrained
+    return model

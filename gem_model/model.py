@@ -1,0 +1,306 @@
+"""GEM on an open_clip ViT: a parallel self-self attention path in the last blocks.
+
+For a ViT with L blocks and gem_depth D, blocks L-D+1 .. L-1 (the last D-1) keep their original
+computation and, beside it, feed a GEM stream g that starts as the tokens entering the first
+modified block and accumulates only attention outputs (no MLP):
+
+    y = LN1(x);  q, k, v = in_proj(y)              (x: tokens of the ORIGINAL path)
+    x <- x + Attn(y);  x <- x + MLP(LN2(x))         original path, unchanged
+    g <- g + out_proj((o_q + o_k + o_v) / 3)        GEM path (see attention.py)
+
+Patch tokens of LN_post(g) @ proj, L2-normalised, against L2-normalised text embeddings give the
+per-prompt cosine-similarity maps.
+"""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import adaptive_temperature, merge_heads, self_self_attention, split_heads
+from .errors import InvalidInputError, UnsupportedModelError
+
+
+@dataclass
+class ImageFeatures:
+    """What the image path gives; it does not depend on the prompts.
+
+    gem:  [B, h, w, D] L2-normalised GEM patch embeddings (float32)
+    ori:  [B, h, w, D] L2-normalised plain CLIP patch embeddings, or None when not computed
+    input_size: (H, W) of the image tensor that produced them
+    """
+    gem: torch.Tensor
+    ori: Optional[torch.Tensor]
+    input_size: tuple[int, int]
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        return self.gem.shape[1], self.gem.shape[2]
+
+    def __len__(self) -> int:
+        return self.gem.shape[0]
+
+    def __getitem__(self, index) -> "ImageFeatures":
+        index = slice(index, index + 1) if isinstance(index, int) else index
+        return ImageFeatures(self.gem[index], None if self.ori is None else self.ori[index],
+                             self.input_size)
+
+    def nbytes(self) -> int:
+        total = self.gem.element_size() * self.gem.nelement()
+        if self.ori is not None:
+            total += self.ori.element_size() * self.ori.nelement()
+        return total
+
+
+def _check_block(block: nn.Module, index: int) -> None:
+    attn = getattr(block, "attn", None)
+    if not (isinstance(attn, nn.MultiheadAttention) and attn._qkv_same_embed_dim
+            and all(hasattr(block, n) for n in ("ln_1", "ln_2", "mlp", "ls_1", "ls_2"))):
+        raise UnsupportedModelError(
+            f"block {index} of the image tower is a {type(block).__name__}; GEM needs open_clip's "
+            f"ResidualAttentionBlock with nn.MultiheadAttention (standard CLIP ViTs)")
+
+
+class GemModel(nn.Module):
+    """A CLIP ViT with GEM's self-self attention path. Inference only.
+
+    Call it as `model(images, prompts)`, or split the work: `encode_image` once, then
+    `similarity` for any number of prompts.
+    """
+
+    def __init__(self, clip: nn.Module, tokenizer, gem_depth: int = 7, ss_attn_iter: int = 1,
+                 ss_attn_temp: Optional[float] = None, prompt_template: str = "a photo of a {}.",
+                 text_cache_size: int = 4096):
+        super().__init__()
+        visual = getattr(clip, "visual", None)
+        from open_clip.transformer import VisionTransformer
+
+        if not isinstance(visual, VisionTransformer):
+            raise UnsupportedModelError(
+                f"GEM needs a ViT image tower; this model's is {type(visual).__name__}. "
+                f"Supported: open_clip VisionTransformer towers (ViT-B-16, ViT-L-14, ...)")
+        if visual.attn_pool is not None:
+            raise UnsupportedModelError("image towers with an attentional pooler (CoCa) are not supported")
+        blocks = visual.transformer.resblocks
+        if not 2 <= gem_depth <= len(blocks) + 1:
+            raise InvalidInputError(f"gem_depth must be between 2 and {len(blocks) + 1} "
+                                    f"for this {len(blocks)}-block model, got {gem_depth}")
+        if ss_attn_iter < 0:
+            raise InvalidInputError(f"ss_attn_iter must be >= 0, got {ss_attn_iter}")
+        if ss_attn_temp is not None and not ss_attn_temp > 0:
+            raise InvalidInputError(f"ss_attn_temp must be positive or None (adaptive), got {ss_attn_temp}")
+        self.first_gem_block = len(blocks) - (gem_depth - 1)
+        for i in range(self.first_gem_block, len(blocks)):
+            _check_block(blocks[i], i)
+        if "{}" not in prompt_template:
+            raise InvalidInputError("prompt_template must contain '{}' where the prompt goes")
+
+        self.clip = clip
+        self.tokenizer = tokenizer
+        self.gem_depth = gem_depth
+        self.ss_attn_iter = ss_attn_iter
+        self.ss_attn_temp = ss_attn_temp
+        self.prompt_template = prompt_template
+        self.model_name = ""
+        self.pretrained = None
+        self._text_cache: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+        self._text_cache_size = text_cache_size
+        self._text_lock = threading.Lock()
+        self._pos_cache: dict = {}
+
+    # -- properties -----------------------------------------------------------------------------
+    @property
+    def visual(self):
+        return self.clip.visual
+
+    @property
+    def patch_size(self) -> tuple[int, int]:
+        return tuple(self.visual.patch_size)
+
+    @property
+    def device(self) -> torch.device:
+        return self.visual.conv1.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.visual.conv1.weight.dtype
+
+    @property
+    def preprocess_cfg(self) -> dict:
+        from open_clip.model import get_model_preprocess_cfg
+
+        return get_model_preprocess_cfg(self.clip)
+
+    def _apply(self, fn, *args, **kwargs):
+        # Cached tensors live on the old device/dtype; drop them when the model moves.
+        self._pos_cache = {}
+        with self._text_lock:
+            self._text_cache.clear()
+        return super()._apply(fn, *args, **kwargs)
+
+    # -- image path -----------------------------------------------------------------------------
+    def _positional_embedding(self, grid: tuple[int, int]) -> torch.Tensor:
+        """[1 + h*w, C] positional embedding resampled to the patch grid (bicubic, antialiased)."""
+        pos = self.visual.positional_embedding
+        native = tuple(self.visual.grid_size)
+        if grid == native:
+            return pos
+        key = (grid, pos.dtype, pos.device)
+        cached = self._pos_cache.get(key)
+        if cached is None:
+            cls_pos, patch_pos = pos[:1], pos[1:]
+            patch_pos = patch_pos.reshape(1, native[0], native[1], -1).permute(0, 3, 1, 2)
+            patch_pos = F.interpolate(patch_pos.float(), size=grid, mode="bicubic",
+                                      antialias=True, align_corners=False)
+            patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1).to(pos.dtype)
+            cached = torch.cat([cls_pos, patch_pos])
+            self._pos_cache[key] = cached
+        return cached
+
+    def _check_images(self, images: torch.Tensor) -> None:
+        if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
+            shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            raise InvalidInputError(f"images must be a [B, 3, H, W] tensor, got {shape}")
+        ph, pw = self.patch_size
+        h, w = images.shape[-2:]
+        if h % ph or w % pw or h == 0 or w == 0:
+            raise InvalidInputError(f"image height and width must be positive multiples of the patch "
+                                    f"size {ph}x{pw}, got {h}x{w} (use get_gem_img_transform)")
+
+    def encode_tokens(self, images: torch.Tensor, return_ori: bool = False):
+        """Projected patch tokens (not normalised), [B, h*w, D] each: (gem, ori or None)."""
+        self._check_images(images)
+        visual = self.visual
+        batch = images.shape[0]
+        x = visual.conv1(images.to(device=self.device, dtype=self.dtype))  # [B, C, h, w]
+        grid = (x.shape[-2], x.shape[-1])
+        x = x.flatten(2).transpose(1, 2)                                    # [B, h*w, C]
+        cls = visual.class_embedding.to(x.dtype).expand(batch, 1, -1)
+        x = torch.cat([cls, x], dim=1) + self._positional_embedding(grid).to(x.dtype)
+        x = visual.ln_pre(x)                                                # [B, N, C], N = 1 + h*w
+
+        blocks = visual.transformer.resblocks
+        batch_first = getattr(visual.transformer, "batch_first", True)
+        for block in blocks[:self.first_gem_block]:
+            x = block(x) if batch_first else block(x.transpose(0, 1)).transpose(0, 1)
+
+        g = x
+        last = len(blocks) - 1
+        for i in range(self.first_gem_block, len(blocks)):
+            block = blocks[i]
+            attn: nn.MultiheadAttention = block.attn
+            heads = attn.num_heads
+            y = block.ln_1(x)
+            q, k, v = F.linear(y, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+            q, k, v = (split_heads(t, heads) for t in (q, k, v))            # [B, H, N, d]
+            head_dim = q.shape[-1]
+
+            temperature = (adaptive_temperature(y, head_dim) if self.ss_attn_temp is None
+                           else self.ss_attn_temp)
+            o = merge_heads(self_self_attention(q, k, v, temperature, self.ss_attn_iter))
+            g = g + block.ls_1(attn.out_proj(o))
+
+            # The original path after the last block is only needed for the plain CLIP map.
+            if i < last or return_ori:
+                a = merge_heads(F.scaled_dot_product_attention(q, k, v))
+                x = x + block.ls_1(attn.out_proj(a))
+                x = x + block.ls_2(block.mlp(block.ln_2(x)))
+
+        def project(tokens: torch.Tensor) -> torch.Tensor:
+            tokens = visual.ln_post(tokens[:, 1:])
+            return tokens @ visual.proj if visual.proj is not None else tokens
+
+        return project(g), (project(x) if return_ori else None)
+
+    @torch.inference_mode()
+    def encode_image(self, images: torch.Tensor, return_ori: bool = False) -> ImageFeatures:
+        """[B, 3, H, W] preprocessed images -> ImageFeatures (text independent)."""
+        gem, ori = self.encode_tokens(images, return_ori=return_ori)
+        ph, pw = self.patch_size
+        h, w = images.shape[-2] // ph, images.shape[-1] // pw
+
+        def to_grid(tokens):
+            return F.normalize(tokens.float(), dim=-1).reshape(tokens.shape[0], h, w, -1)
+
+        return ImageFeatures(to_grid(gem), None if ori is None else to_grid(ori),
+                             (images.shape[-2], images.shape[-1]))
+
+    # -- text path ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
+        """[P, D] L2-normalised float32 embeddings of `prompt_template.format(prompt)`, cached."""
+        prompts = _check_prompts(prompts)
+        # One lock for lookup, encoding and eviction: text encoding is cheap next to the image
+        # path, and holding it keeps the LRU consistent under concurrent requests.
+        with self._text_lock:
+            missing = list(dict.fromkeys(p for p in prompts if p not in self._text_cache))
+            if missing:
+                tokens = self.tokenizer([self.prompt_template.format(p) for p in missing])
+                embeddings = F.normalize(self.clip.encode_text(tokens.to(self.device)).float(), dim=-1)
+                self._text_cache.update(zip(missing, embeddings))
+            for p in prompts:
+                self._text_cache.move_to_end(p)
+            out = torch.stack([self._text_cache[p] for p in prompts])
+            while len(self._text_cache) > max(self._text_cache_size, len(prompts)):
+                self._text_cache.popitem(last=False)
+        return out
+
+    # -- matching -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def similarity(self, features: ImageFeatures, prompts: Sequence[str], normalize: bool = False,
+                   return_ori: bool = False, output_size: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        """Cosine similarity maps [B, P, H, W], bilinearly upsampled to `output_size`
+        (default: the input tensor's size). `normalize` min-max scales each map to [0, 1]."""
+        tokens = features.ori if return_ori else features.gem
+        if tokens is None:
+            raise InvalidInputError("these features were encoded without return_ori=True")
+        text = self.encode_text(prompts).to(tokens.device)                     # [P, D]
+        sims = torch.einsum("bhwd,pd->bphw", tokens, text)                      # [B, P, h, w]
+        size = tuple(output_size or features.input_size)
+        if sims.shape[-2:] != size:
+            sims = F.interpolate(sims, size=size, mode="bilinear", align_corners=False)
+        return minmax_normalize(sims) if normalize else sims
+
+    def forward(self, images: torch.Tensor, prompts: Sequence[str], normalize: bool = True,
+                return_ori: bool = False) -> torch.Tensor:
+        """[B, 3, H, W] preprocessed images, P prompts -> [B, P, H, W] heatmaps.
+
+        With return_ori=True the maps come from the plain CLIP tokens instead of GEM's.
+        """
+        features = self.encode_image(images, return_ori=return_ori)
+        return self.similarity(features, prompts, normalize=normalize, return_ori=return_ori)
+
+    def batched_forward(self, images: torch.Tensor, prompts: Sequence[Sequence[str]],
+                        normalize: bool = True, return_ori: bool = False) -> list[torch.Tensor]:
+        """Different prompts per image: one [P_i, H, W] tensor per image."""
+        if len(prompts) != images.shape[0]:
+            raise InvalidInputError(f"got {images.shape[0]} images but {len(prompts)} prompt lists")
+        features = self.encode_image(images, return_ori=return_ori)
+        return [self.similarity(features[i], image_prompts, normalize=normalize,
+                                return_ori=return_ori)[0]
+                for i, image_prompts in enumerate(prompts)]
+
+
+def minmax_normalize(maps: torch.Tensor) -> torch.Tensor:
+    """Scale each [..., H, W] map to [0, 1]; a constant map becomes all zeros."""
+    flat = maps.flatten(-2)
+    low = flat.min(dim=-1, keepdim=True).values.unsqueeze(-1)
+    high = flat.max(dim=-1, keepdim=True).values.unsqueeze(-1)
+    return (maps - low) / (high - low).clamp_min(torch.finfo(maps.dtype).tiny)
+
+
+def _check_prompts(prompts: Sequence[str]) -> list[str]:
+    if isinstance(prompts, str):
+        raise InvalidInputError("prompts must be a list of strings, not a single string")
+    prompts = list(prompts)
+    if not prompts:
+        raise InvalidInputError("at least one prompt is needed")
+    for p in prompts:
+        if not isinstance(p, str) or not p.strip():
+            raise InvalidInputError(f"every prompt must be a non-empty string, got {p!r}")
+    return prompts

@@ -1,0 +1,164 @@
+"""Encode an image once, match many prompts: the interactive interface.
+
+Like segment-anything's `SamPredictor`, the expensive, text-independent image path runs once
+per image (and is cached), after which each new prompt costs a text embedding (also cached), a
+dot product and an upsampling.
+"""
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .errors import InvalidInputError
+from .model import GemModel, ImageFeatures
+from .transforms import get_gem_img_transform, target_size, to_pil_rgb
+
+ImageLike = Union[Image.Image, np.ndarray]
+
+
+@dataclass
+class EncodedImage:
+    """GEM features of one image plus what is needed to map them back onto it."""
+    features: ImageFeatures          # batch of one, on the model's device
+    original_size: tuple[int, int]   # (H0, W0) of the image as given
+    input_size: tuple[int, int]      # (H, W) fed to the model
+    key: str                         # content + settings hash (cache key)
+    cached: bool = False             # True when the features came from the cache
+
+
+class FeatureCache:
+    """LRU cache of image features bounded by their size in bytes."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max(0, int(max_bytes))
+        self._items: "OrderedDict[str, ImageFeatures]" = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: str) -> Optional[ImageFeatures]:
+        with self._lock:
+            item = self._items.get(key)
+            if item is None:
+                self.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+            return item
+
+    def put(self, key: str, features: ImageFeatures) -> None:
+        size = features.nbytes()
+        if size > self.max_bytes:
+            return
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self._bytes -= old.nbytes()
+            self._items[key] = features
+            self._bytes += size
+            while self._bytes > self.max_bytes:
+                _, evicted = self._items.popitem(last=False)
+                self._bytes -= evicted.nbytes()
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._bytes = 0
+
+
+class HeatmapPredictor:
+    """Aspect-preserving preprocessing, batched cached encoding, maps at the original size.
+
+    Thread-safe: model calls are serialised by an internal lock, so one predictor can serve
+    concurrent requests without interleaving forward passes.
+    """
+
+    def __init__(self, model: GemModel, image_size: int = 448, resize_mode: str = "short",
+                 max_side: Optional[int] = None, cache_bytes: int = 256 * 2**20):
+        self.model = model
+        self.image_size = image_size
+        self.resize_mode = resize_mode
+        self.max_side = max_side
+        cfg = model.preprocess_cfg
+        kwargs = {k: tuple(cfg[k]) for k in ("mean", "std") if k in cfg}
+        self.patch = model.patch_size[0]
+        if model.patch_size[0] != model.patch_size[1]:
+            raise InvalidInputError("non-square patches are not supported by the predictor")
+        self.transform = get_gem_img_transform(image_size, resize_mode, self.patch,
+                                               max_side=max_side, **kwargs)
+        self.cache = FeatureCache(cache_bytes)
+        self._lock = threading.RLock()
+        self._settings_key = repr((model.model_name, model.pretrained, model.gem_depth,
+                                   model.ss_attn_iter, model.ss_attn_temp, str(model.dtype),
+                                   image_size, resize_mode, max_side))
+        self._current: Optional[EncodedImage] = None
+
+    def input_size(self, image: Image.Image) -> tuple[int, int]:
+        return target_size(image.height, image.width, self.image_size, self.patch,
+                           self.resize_mode, self.max_side)
+
+    def _key(self, image: Image.Image) -> str:
+        digest = hashlib.blake2b(image.tobytes(), digest_size=16)
+        digest.update(f"{image.size}|{self._settings_key}".encode())
+        return digest.hexdigest()
+
+    def encode(self, images: Sequence[ImageLike], batch_size: int = 8) -> list[EncodedImage]:
+        """Encode images (PIL or arrays, any size); images of equal model input size share a batch."""
+        if batch_size < 1:
+            raise InvalidInputError(f"batch_size must be >= 1, got {batch_size}")
+        pil_images = [to_pil_rgb(image) for image in images]
+        results: list[Optional[EncodedImage]] = [None] * len(pil_images)
+        groups: dict[tuple[int, int], list[int]] = {}
+        keys = [self._key(image) for image in pil_images]
+        for i, image in enumerate(pil_images):
+            original = (image.height, image.width)
+            cached = self.cache.get(keys[i])
+            if cached is not None:
+                results[i] = EncodedImage(cached, original, cached.input_size, keys[i], cached=True)
+            else:
+                groups.setdefault(self.input_size(image), []).append(i)
+
+        for size, indices in groups.items():
+            for start in range(0, len(indices), batch_size):
+                chunk = indices[start:start + batch_size]
+                batch = torch.stack([self.transform(pil_images[i]) for i in chunk])
+                with self._lock:
+                    features = self.model.encode_image(batch)
+                for j, i in enumerate(chunk):
+                    # clone: a slice would keep the whole batch alive in the cache
+                    single = ImageFeatures(features.gem[j:j + 1].clone(), None, features.input_size)
+                    self.cache.put(keys[i], single)
+                    image = pil_images[i]
+                    results[i] = EncodedImage(single, (image.height, image.width), size, keys[i])
+        return results  # type: ignore[return-value]
+
+    def similarity(self, encoded: EncodedImage, prompts: Sequence[str]) -> np.ndarray:
+        """Raw cosine similarity maps [P, H0, W0] (float32) at the original image resolution."""
+        with self._lock:
+            maps = self.model.similarity(encoded.features, prompts, output_size=encoded.original_size)
+        return maps[0].float().cpu().numpy()
+
+    # SAM-style convenience ---------------------------------------------------------------------
+    def set_image(self, image: ImageLike) -> EncodedImage:
+        self._current = self.encode([image])[0]
+        return self._current
+
+    def predict(self, prompts: Sequence[str]) -> np.ndarray:
+        if self._current is None:
+            raise InvalidInputError("call set_image() before predict()")
+        return self.similarity(self._current, prompts)
