@@ -284,3 +284,23 @@ def test_gpu_matches_cpu(tiny_model_files):
     images = torch.randn(2, 3, 48, 64)
     assert torch.allclose(cpu(images, PROMPTS, normalize=False),
                           gpu(images, PROMPTS, normalize=False).cpu(), atol=1e-4)
+
+
+def test_documented_model_table_is_known_to_open_clip():
+    from gem_model.factory import KNOWN_GOOD
+    assert set(KNOWN_GOOD) <= set(gem_model.available_models())
+
+
+def test_openai_tag_selects_quickgelu(monkeypatch):
+    """The OpenAI weights need QuickGELU even under the plain name; check what we ask open_clip."""
+    import open_clip
+    seen = {}
+
+    def fake_create(name, pretrained=None, **kwargs):
+        seen.update(kwargs, name=name, pretrained=pretrained)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(open_clip, "create_model", fake_create)
+    with pytest.raises(WeightsNotFoundError):
+        create_gem_model("ViT-B/16", "openai", device="cpu")
+    assert seen["name"] == "ViT-B-16" and seen["force_quick_gelu"] is True
