@@ -102,8 +102,12 @@ def _looks_like_path(pretrained: str) -> bool:
 
 def load_clip(model_name: str, pretrained: Optional[str], device: Union[str, torch.device] = "cpu",
               model_config: Union[None, str, os.PathLike, Mapping[str, Any]] = None,
-              cache_dir: Optional[str] = None):
-    """Build the open_clip model with its weights, or raise a GemError that says what to do."""
+              cache_dir: Optional[str] = None, quick_gelu: Optional[bool] = None):
+    """Build the open_clip model with its weights, or raise a GemError that says what to do.
+
+    quick_gelu: None = as the pretrained tag was trained (OpenAI weights: QuickGELU) or as the
+    architecture name says (`-quickgelu`) for checkpoint files; True/False forces it.
+    """
     import open_clip
 
     model_name = normalize_model_name(model_name)
@@ -128,13 +132,22 @@ def load_clip(model_name: str, pretrained: Optional[str], device: Union[str, tor
             # The OpenAI weights were trained with QuickGELU: build the matching activation even
             # when the plain name (ViT-B-16) is used, as the GEM paper does.
             kwargs["force_quick_gelu"] = bool(tag_cfg.get("quick_gelu", False))
+        elif os.path.isfile(pretrained) and quick_gelu is None and config is not None \
+                and not config.get("quick_gelu", False):
+            # A file does not say which activation it was trained with; a wrong guess loads
+            # without error and silently degrades the maps, so say it loudly.
+            log.warning("loading %s with GELU. If these are OpenAI CLIP weights, use the "
+                        "'%s-quickgelu' architecture (or quick_gelu=True).", pretrained, model_name)
         elif not os.path.isfile(pretrained):
             if _looks_like_path(pretrained):
                 raise WeightsNotFoundError(f"checkpoint file not found: {pretrained}")
             tags = open_clip.list_pretrained_tags_by_model(model_name) if config else []
+            tags = tags or open_clip.list_pretrained_tags_by_model(model_name.removesuffix("-quickgelu"))
             raise WeightsNotFoundError(
                 f"'{pretrained}' is neither a pretrained tag of {model_name} nor a checkpoint file. "
                 f"Known tags: {', '.join(tags) or 'none'}")
+    if quick_gelu is not None:
+        kwargs["force_quick_gelu"] = bool(quick_gelu)
     try:
         clip = open_clip.create_model(model_name, pretrained=pretrained or None, **kwargs)
     except RuntimeError as exc:
@@ -143,7 +156,8 @@ def load_clip(model_name: str, pretrained: Optional[str], device: Union[str, tor
             raise WeightsNotFoundError(
                 f"could not download weights for {model_name} / {pretrained}: {text}. "
                 f"Offline? Download them once on a connected machine (python -m gem_model.prefetch "
-                f"--model {model_name} --pretrained {pretrained}) and set pretrained to the file path."
+                f"--model {model_name} --pretrained {pretrained}) and set pretrained to the file path "
+                f"(it prints the architecture name to use with that file)."
             ) from exc
         raise WeightsNotFoundError(f"could not load weights {pretrained!r} for {model_name}: {text}") from exc
     except (OSError, EOFError, ValueError, KeyError, TypeError) as exc:
@@ -173,16 +187,18 @@ def create_gem_model(model_name: str = "ViT-B-16", pretrained: Optional[str] = "
                      model_config: Union[None, str, os.PathLike, Mapping[str, Any]] = None,
                      cache_dir: Optional[str] = None,
                      prompt_template: str = "a photo of a {}.",
-                     text_cache_size: int = 4096) -> GemModel:
+                     text_cache_size: int = 4096, quick_gelu: Optional[bool] = None) -> GemModel:
     """Load an open_clip ViT and wrap it as a GEM model, in eval mode, on `device`.
 
     `pretrained` is an open_clip tag (e.g. "openai", "laion2b_s34b_b88k") or a path to a local
-    checkpoint; None gives random weights (tests, benchmarks).
+    checkpoint; None gives random weights (tests, benchmarks). OpenAI weights need QuickGELU:
+    chosen automatically for the `openai` tag; for a local file of them use the `-quickgelu`
+    name (e.g. ViT-B-16-quickgelu) or quick_gelu=True.
     """
     if precision not in PRECISIONS:
         raise GemError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     device = resolve_device(device)
-    clip, tokenizer = load_clip(model_name, pretrained, device, model_config, cache_dir)
+    clip, tokenizer = load_clip(model_name, pretrained, device, model_config, cache_dir, quick_gelu)
     model = GemModel(clip, tokenizer, gem_depth=gem_depth, ss_attn_iter=ss_attn_iter,
                      ss_attn_temp=ss_attn_temp, prompt_template=prompt_template,
                      text_cache_size=text_cache_size)

@@ -304,3 +304,11 @@ def test_openai_tag_selects_quickgelu(monkeypatch):
     with pytest.raises(WeightsNotFoundError):
         create_gem_model("ViT-B/16", "openai", device="cpu")
     assert seen["name"] == "ViT-B-16" and seen["force_quick_gelu"] is True
+
+
+def test_quick_gelu_for_checkpoint_files(tiny_model_files):
+    from open_clip.transformer import QuickGELU
+    default = make(tiny_model_files)
+    forced = make(tiny_model_files, quick_gelu=True)
+    assert not isinstance(default.visual.transformer.resblocks[0].mlp.gelu, QuickGELU)
+    assert isinstance(forced.visual.transformer.resblocks[0].mlp.gelu, QuickGELU)
