@@ -1,0 +1,39 @@
+"""Development server: `python -m backend` (production: gunicorn, see backend/gunicorn.conf.py)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .settings import Settings, SettingsError, settings_text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m backend",
+        description="GEM Label Studio ML backend, development server (Flask, threaded). "
+                    "Production: gunicorn -c backend/gunicorn.conf.py backend.wsgi:app",
+        epilog="Settings come from these environment variables:\n" + settings_text(),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--host", help="overrides HOST")
+    parser.add_argument("--port", type=int, help="overrides PORT")
+    args = parser.parse_args(argv)
+
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    if args.host:
+        settings = settings.replace(host=args.host)
+    if args.port:
+        settings = settings.replace(port=args.port)
+
+    from .server import configure_logging, create_app
+    configure_logging(settings.log_level)
+    app = create_app(settings)
+    app.run(host=settings.host, port=settings.port, threaded=True, use_reloader=False)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

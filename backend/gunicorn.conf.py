@@ -1,0 +1,29 @@
+"""gunicorn settings, taken from the same environment as the app (see backend/settings.py).
+
+Run: gunicorn -c backend/gunicorn.conf.py backend.wsgi:app
+"""
+import os
+import sys
+
+# gunicorn execs this file before it imports the app; make `backend` importable from any cwd.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from backend.settings import Settings  # noqa: E402
+
+_settings = Settings.from_env()
+
+bind = f"{_settings.host}:{_settings.port}"
+# One worker per GPU: each worker holds a full model; threads overlap image downloads and
+# requests while a per-process lock keeps model calls one at a time.
+workers = _settings.workers
+threads = _settings.threads
+worker_class = "gthread"
+# Above Label Studio's predict timeout (ML_TIMEOUT_PREDICT, 100 s) so a long batch is not killed
+# mid-way by gunicorn before Label Studio gives up on it.
+timeout = _settings.worker_timeout
+graceful_timeout = 30
+# Never preload: the model (and CUDA) must be created inside each worker, after the fork.
+preload_app = False
+loglevel = _settings.log_level.lower()
+accesslog = None  # the app logs one structured line per request itself
+errorlog = "-"

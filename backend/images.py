@@ -1,0 +1,360 @@
+"""Task image URL -> EXIF-corrected RGB PIL image. All outbound HTTP of the backend goes here.
+
+Understood sources:
+* Label Studio uploads and local files: `/data/upload/...`, `upload/...`, `/data/local-files/?d=...`
+  and any other URL starting with `/`, resolved against LABEL_STUDIO_URL or /setup's hostname;
+* cloud storage URIs (`s3://`, `gs://`, `azure-blob://`, `azure-spi://`), which Label Studio
+  presigns: `GET <LS>/tasks/<task id>/presign/?fileuri=<urlsafe base64 of the URI>` answers with
+  a redirect to a signed URL (the route label-studio-sdk 2.1.2's get_local_path uses);
+* plain `http(s)://` URLs and `data:` URIs.
+
+Label Studio credentials: a legacy token is sent as `Authorization: Token <t>`; a personal
+access token (a JWT refresh token) is exchanged at `POST <LS>/api/token/refresh/` for a short-
+lived access token sent as `Authorization: Bearer <access>`. The header is attached per request
+hop and only when that hop's scheme, host and port equal Label Studio's, so a redirect to a
+signed S3 URL or any other host never carries it.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from urllib.parse import unquote_to_bytes, urljoin, urlsplit, urlunsplit
+
+import requests
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .settings import Settings
+
+logger = logging.getLogger(__name__)
+
+CLOUD_SCHEMES = ("s3", "gs", "azure-blob", "azure-spi")
+REDIRECT_CODES = (301, 302, 303, 307, 308)
+# Renew a personal-access-token's access token this long before it expires (LS gives 300 s).
+ACCESS_TOKEN_MARGIN_S = 30.0
+ACCESS_TOKEN_FALLBACK_LIFETIME_S = 240.0
+_CHUNK = 64 * 1024
+
+
+class ImageFetchError(Exception):
+    """An image could not be obtained; `reason` is a short metric label, str() says what happened."""
+
+    def __init__(self, message: str, reason: str = "fetch"):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass
+class FetchedImage:
+    image: Image.Image          # RGB, EXIF orientation applied
+    width: int                  # size after EXIF orientation: what Label Studio displays
+    height: int
+
+
+@dataclass(frozen=True)
+class LabelStudioAccess:
+    url: str                    # base URL without trailing slash, "" when unknown
+    token: str                  # legacy token or personal access token, "" when unknown
+
+
+def origin(url: str) -> tuple[str, str, int | None]:
+    """(scheme, host, port) with default ports filled in: the unit of trust for the LS token."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if port is None:
+        port = {"http": 80, "https": 443}.get(scheme)
+    return scheme, (parts.hostname or "").lower(), port
+
+
+def redact(url: str, keep_query: bool = False) -> str:
+    """URL for logs and error messages: no credentials, and no query (signatures live there)."""
+    if url.startswith("data:"):
+        return "data:..."
+    parts = urlsplit(url)
+    netloc = parts.hostname or ""
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query if keep_query else "", ""))
+
+
+def _b64url_json(segment: str) -> dict | None:
+    try:
+        data = json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def jwt_claims(token: str) -> dict | None:
+    """Claims of a JWT-shaped token (no signature check: we only need its type and expiry)."""
+    parts = token.split(".")
+    if len(parts) != 3 or not all(parts[:2]):
+        return None
+    header = _b64url_json(parts[0])
+    if header is None or "alg" not in header:
+        return None
+    return _b64url_json(parts[1]) or {}
+
+
+class LabelStudioCredentials:
+    """Turns a configured token into the Authorization header value, refreshing PAT access tokens."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._access: dict[tuple[str, str], tuple[str, float]] = {}   # (LS url, PAT) -> (access, expires at)
+
+    @staticmethod
+    def is_personal_access_token(token: str) -> bool:
+        claims = jwt_claims(token)
+        return claims is not None and claims.get("token_type", "refresh") == "refresh"
+
+    def header(self, access: LabelStudioAccess, fetcher: "ImageFetcher", deadline: float,
+               force_refresh: bool = False) -> str | None:
+        token = access.token
+        if not token:
+            return None
+        claims = jwt_claims(token)
+        if claims is None:
+            return f"Token {token}"
+        if claims.get("token_type") == "access":  # someone passed an access token itself
+            return f"Bearer {token}"
+        key = (access.url, token)
+        with self._lock:
+            cached = self._access.get(key)
+            if cached and not force_refresh and cached[1] > time.time():
+                return f"Bearer {cached[0]}"
+            # Refresh under the lock so concurrent requests make one refresh call, not many.
+            new_access = fetcher._refresh_access_token(access, deadline)
+            exp = (jwt_claims(new_access) or {}).get("exp")
+            expires = (float(exp) if isinstance(exp, (int, float)) else time.time() + ACCESS_TOKEN_FALLBACK_LIFETIME_S)
+            self._access[key] = (new_access, expires - ACCESS_TOKEN_MARGIN_S)
+            return f"Bearer {new_access}"
+
+
+class ImageFetcher:
+    """One object for every outbound request: URL resolution, LS auth, limits, decoding."""
+
+    def __init__(self, settings: Settings, session: requests.Session | None = None):
+        self.settings = settings
+        self.timeout = settings.fetch_timeout
+        self.max_bytes = int(settings.fetch_max_mb * 1024 * 1024)
+        self.max_redirects = settings.fetch_max_redirects
+        self.session = session or self._new_session(settings.fetch_workers)
+        self.credentials = LabelStudioCredentials()
+        self._setup_lock = threading.Lock()
+        self._setup: dict[str, LabelStudioAccess] = {}   # project key -> what /setup sent
+        self._last_setup: LabelStudioAccess | None = None
+
+    @staticmethod
+    def _new_session(pool: int) -> requests.Session:
+        session = requests.Session()
+        adapter = requests.adapters.HTTPAdapter(pool_connections=8, pool_maxsize=max(pool * 2, 10))
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+        return session
+
+    # -- Label Studio location and token ------------------------------------------------
+
+    def remember_setup(self, project_key: str | None, hostname: str | None, access_token: str | None) -> None:
+        access = LabelStudioAccess(url=(hostname or "").strip().rstrip("/"), token=(access_token or "").strip())
+        if access.url and not access.url.startswith(("http://", "https://")):
+            access = LabelStudioAccess(url="", token=access.token)
+        with self._setup_lock:
+            if project_key:
+                self._setup[project_key] = access
+            self._last_setup = access
+
+    def label_studio(self, project_key: str | None = None) -> LabelStudioAccess:
+        """The environment wins; /setup's hostname and token fill what it leaves empty."""
+        with self._setup_lock:
+            fallback = self._setup.get(project_key or "") or self._last_setup or LabelStudioAccess("", "")
+        # Either token is only ever sent to `url`'s origin (see get()), never to another host.
+        return LabelStudioAccess(url=self.settings.label_studio_url or fallback.url,
+                                 token=self.settings.label_studio_api_key or fallback.token)
+
+    # -- public ----------------------------------------------------------------------
+
+    def fetch(self, url: str, task_id: int | None = None, project_key: str | None = None) -> FetchedImage:
+        return decode_image(self.download(url, task_id=task_id, project_key=project_key))
+
+    def download(self, url: str, task_id: int | None = None, project_key: str | None = None) -> bytes:
+        if not isinstance(url, str) or not url.strip():
+            raise ImageFetchError("task has no image URL", reason="no_image")
+        url = url.strip()
+        if url.startswith("data:"):
+            return self._data_uri(url)
+        access = self.label_studio(project_key)
+        target = self.resolve(url, access, task_id)
+        return self.get(target, access)
+
+    def resolve(self, url: str, access: LabelStudioAccess, task_id: int | None = None) -> str:
+        """Absolute http(s) URL to download `url` from."""
+        scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+        if scheme in CLOUD_SCHEMES:
+            if not access.url:
+                raise ImageFetchError(f"{scheme}:// image needs Label Studio to presign it: set LABEL_STUDIO_URL",
+                                      reason="config")
+            if task_id is None:
+                raise ImageFetchError(f"{scheme}:// image needs the task id to presign it", reason="no_image")
+            encoded = base64.urlsafe_b64encode(url.encode()).decode()
+            return f"{access.url}/tasks/{int(task_id)}/presign/?fileuri={encoded}"
+        if url.startswith("upload/"):
+            url = "/data/" + url
+        if url.startswith("/"):
+            if not access.url:
+                raise ImageFetchError(
+                    f"relative image URL {redact(url)} needs Label Studio's address: set LABEL_STUDIO_URL "
+                    "(or connect the backend from Label Studio so /setup sends it)", reason="config")
+            return access.url + url
+        if scheme in ("http", "https"):
+            return url
+        raise ImageFetchError(f"unsupported image URL {redact(url)}: expected http(s), /data/..., "
+                              f"{', '.join(s + '://' for s in CLOUD_SCHEMES)} or data:", reason="no_image")
+
+    def check_url(self, url: str) -> None:
+        """Gate for every outbound request (scheme now; an SSRF policy belongs here too)."""
+        if urlsplit(url).scheme.lower() not in ("http", "https"):
+            raise ImageFetchError(f"refusing to fetch {redact(url)}: only http and https", reason="blocked")
+
+    def get(self, url: str, access: LabelStudioAccess) -> bytes:
+        """Download with the LS token on LS-origin hops only, within size, time and redirect limits."""
+        deadline = time.monotonic() + self.timeout
+        ls_origin = origin(access.url) if access.url else None
+        refreshed = False
+        hops = 0
+        while True:
+            self.check_url(url)
+            on_ls = ls_origin is not None and origin(url) == ls_origin
+            headers = {"Accept": "image/*,*/*;q=0.8"}
+            if on_ls:
+                auth = self.credentials.header(access, self, deadline)
+                if auth:
+                    headers["Authorization"] = auth
+            response = self._send("GET", url, deadline, headers=headers, stream=True)
+            try:
+                if response.status_code in REDIRECT_CODES and response.headers.get("Location"):
+                    hops += 1
+                    if hops > self.max_redirects:
+                        raise ImageFetchError(f"too many redirects (> {self.max_redirects}) for {redact(url)}",
+                                              reason="redirects")
+                    url = urljoin(url, response.headers["Location"])
+                    continue
+                if (response.status_code == 401 and on_ls and not refreshed
+                        and LabelStudioCredentials.is_personal_access_token(access.token)):
+                    # The cached access token may have been revoked or expired early: renew once.
+                    refreshed = True
+                    self.credentials.header(access, self, deadline, force_refresh=True)
+                    continue
+                if response.status_code >= 400:
+                    hint = ""
+                    if on_ls and response.status_code in (401, 403):
+                        hint = (" (check LABEL_STUDIO_API_KEY: legacy tokens must be enabled in Label Studio, "
+                                "or use a personal access token)" if access.token else
+                                " (set LABEL_STUDIO_API_KEY)")
+                    raise ImageFetchError(f"HTTP {response.status_code} from {redact(url, keep_query=on_ls)}{hint}",
+                                          reason=f"http_{response.status_code // 100}xx")
+                return self._read_body(response, url, deadline)
+            finally:
+                response.close()
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _send(self, method: str, url: str, deadline: float, **kwargs) -> requests.Response:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise ImageFetchError(f"timed out after {self.timeout:g} s fetching {redact(url)}", reason="timeout")
+        try:
+            return self.session.request(
+                method, url, timeout=(min(10.0, remaining), remaining), allow_redirects=False,
+                # A no-op auth stops requests from adding ~/.netrc credentials for arbitrary hosts.
+                auth=_no_auth, **kwargs)
+        except requests.Timeout:
+            raise ImageFetchError(f"timed out fetching {redact(url)}", reason="timeout") from None
+        except requests.ConnectionError as exc:
+            raise ImageFetchError(f"cannot connect to {redact(url)}: {type(exc).__name__}",
+                                  reason="connection") from None
+        except requests.RequestException as exc:
+            raise ImageFetchError(f"request to {redact(url)} failed: {type(exc).__name__}",
+                                  reason="connection") from None
+
+    def _read_body(self, response: requests.Response, url: str, deadline: float) -> bytes:
+        length = response.headers.get("Content-Length")
+        if length and length.isdigit() and int(length) > self.max_bytes:
+            raise ImageFetchError(f"image at {redact(url)} is {int(length)} bytes, over the "
+                                  f"{self.settings.fetch_max_mb:g} MiB limit (GEM_FETCH_MAX_MB)", reason="too_large")
+        buffer = io.BytesIO()
+        try:
+            for chunk in response.iter_content(_CHUNK):
+                buffer.write(chunk)
+                if buffer.tell() > self.max_bytes:
+                    raise ImageFetchError(f"image at {redact(url)} exceeds the {self.settings.fetch_max_mb:g} MiB "
+                                          "limit (GEM_FETCH_MAX_MB)", reason="too_large")
+                if time.monotonic() > deadline:
+                    raise ImageFetchError(f"timed out after {self.timeout:g} s reading {redact(url)}",
+                                          reason="timeout")
+        except requests.RequestException as exc:
+            raise ImageFetchError(f"download of {redact(url)} broke off: {type(exc).__name__}",
+                                  reason="connection") from None
+        return buffer.getvalue()
+
+    def _refresh_access_token(self, access: LabelStudioAccess, deadline: float) -> str:
+        if not access.url:
+            raise ImageFetchError("a personal access token needs LABEL_STUDIO_URL to be refreshed", reason="config")
+        url = access.url + "/api/token/refresh/"
+        self.check_url(url)
+        response = self._send("POST", url, deadline, json={"refresh": access.token})
+        try:
+            if response.status_code != 200:
+                raise ImageFetchError(
+                    f"Label Studio refused the personal access token (HTTP {response.status_code} from "
+                    f"{redact(url)}); check LABEL_STUDIO_API_KEY", reason="auth")
+            try:
+                new_access = response.json()["access"]
+            except (ValueError, KeyError, TypeError):
+                raise ImageFetchError(f"unexpected answer from {redact(url)}: no access token",
+                                      reason="auth") from None
+            if not isinstance(new_access, str) or not new_access:
+                raise ImageFetchError(f"unexpected answer from {redact(url)}: no access token", reason="auth")
+            return new_access
+        finally:
+            response.close()
+
+    def _data_uri(self, url: str) -> bytes:
+        header, sep, payload = url.partition(",")
+        if not sep:
+            raise ImageFetchError("malformed data: URI", reason="no_image")
+        if len(payload) > self.max_bytes * 4 // 3 + 4:
+            raise ImageFetchError("data: URI exceeds GEM_FETCH_MAX_MB", reason="too_large")
+        try:
+            if header.endswith(";base64"):
+                return base64.b64decode(payload, validate=False)
+            return unquote_to_bytes(payload)
+        except (binascii.Error, ValueError):
+            raise ImageFetchError("malformed base64 in data: URI", reason="no_image") from None
+
+
+def _no_auth(request):
+    return request
+
+
+def decode_image(data: bytes) -> FetchedImage:
+    """Bytes -> RGB image in the orientation Label Studio shows (EXIF applied)."""
+    try:
+        with Image.open(io.BytesIO(data)) as opened:
+            opened.load()
+            image = ImageOps.exif_transpose(opened)
+            image = image.convert("RGB")
+    except Image.DecompressionBombError as exc:
+        raise ImageFetchError(f"image too large to decode: {exc}", reason="too_large") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise ImageFetchError(f"not a readable image ({type(exc).__name__})", reason="decode") from None
+    return FetchedImage(image=image, width=image.width, height=image.height)

@@ -1,0 +1,205 @@
+"""Which text prompts each label control predicts, from the config, the UI and memory.
+
+Rules (docs/BACKEND.md repeats them for users):
+
+* Batch predictions (no free text in the request) predict every label of every control; a
+  label's prompts are its `prompts` attribute or, without it, its value.
+* Free text typed in a <TextArea> pointing at the image arrives in the interactive context.
+  Each submitted text may hold several prompts separated by `;`. An interactive request
+  predicts ONLY those prompts. A prompt that equals (ignoring case) a label's value or one of
+  its prompts is predicted as that label, with the label's own prompts added; any other
+  prompt is predicted as the FIRST label of each control (put a catch-all label such as
+  "Object" first if you rely on free text).
+* The last free text per project is remembered (GEM_REMEMBER_PROMPTS) in
+  MODEL_DIR/prompts.json; batch predictions for that project then add it, attached to a label
+  by the same rule, on top of the config's labels.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+from .label_config import ControlSpec, PredictionPlan, normalize, split_prompts
+
+try:  # cross-process lock for gunicorn workers sharing MODEL_DIR
+    import fcntl
+except ImportError:  # pragma: no cover - non-POSIX
+    fcntl = None
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LabelPrompts:
+    label: str                  # label value the results carry
+    prompts: tuple[str, ...]    # prompts max-pooled into this label's heatmap
+
+
+@dataclass(frozen=True)
+class ControlPrompts:
+    control: ControlSpec
+    labels: tuple[LabelPrompts, ...]
+
+
+@dataclass(frozen=True)
+class PromptPlan:
+    controls: tuple[ControlPrompts, ...]
+    free_text: Mapping[str, tuple[str, ...]]   # image name -> free-text prompts applied to it
+    interactive: bool                           # free text came with this request
+
+    def for_image(self, image_name: str) -> tuple[ControlPrompts, ...]:
+        return tuple(c for c in self.controls if c.control.to_name == image_name)
+
+
+def free_text_from_context(context: Any, plan: PredictionPlan) -> dict[str, tuple[str, ...]]:
+    """Image name -> prompts typed in TextAreas, from `params.context` of an interactive /predict.
+
+    Items whose to_name is not a predicted image apply to every image, so a TextArea that points
+    elsewhere (or a client that leaves to_name out) still works for single-image configs.
+    """
+    if not isinstance(context, Mapping):
+        return {}
+    items = context.get("result")
+    if not isinstance(items, list):
+        return {}
+    image_names = [i.name for i in plan.images]
+    found: dict[str, list[str]] = {}
+    for item in items:
+        if not isinstance(item, Mapping) or str(item.get("type", "")).lower() != "textarea":
+            continue
+        value = item.get("value")
+        texts = value.get("text") if isinstance(value, Mapping) else None
+        if isinstance(texts, str):
+            texts = [texts]
+        if not isinstance(texts, list):
+            continue
+        prompts = [p for t in texts if isinstance(t, str) for p in split_prompts(t)]
+        targets = [item.get("to_name")] if item.get("to_name") in image_names else image_names
+        for name in targets:
+            found.setdefault(name, []).extend(prompts)
+    return {name: _dedupe(prompts) for name, prompts in found.items() if prompts}
+
+
+def label_prompts(control: ControlSpec, free_text: Iterable[str], include_config_labels: bool
+                  ) -> tuple[LabelPrompts, ...]:
+    """The labels one control predicts and each label's prompts (see the module rules)."""
+    merged: dict[str, list[str]] = {}
+    if include_config_labels:
+        for label in control.labels:
+            merged[label.value] = list(label.prompts)
+    for text in free_text:
+        label = control.find_label(text)
+        if label is not None:
+            prompts = merged.setdefault(label.value, list(label.prompts))
+        else:
+            prompts = merged.setdefault(control.labels[0].value, [])
+        prompts.append(text)
+    return tuple(LabelPrompts(label, _dedupe(prompts)) for label, prompts in merged.items() if prompts)
+
+
+def plan_prompts(plan: PredictionPlan, context: Any, remembered: tuple[str, ...] = ()) -> PromptPlan:
+    typed = free_text_from_context(context, plan)
+    interactive = bool(typed)
+    if interactive:
+        free_text = typed
+    else:
+        free_text = {i.name: remembered for i in plan.images} if remembered else {}
+    controls = tuple(
+        ControlPrompts(c, label_prompts(c, free_text.get(c.to_name, ()), include_config_labels=not interactive))
+        for c in plan.controls)
+    return PromptPlan(controls=tuple(c for c in controls if c.labels), free_text=free_text,
+                      interactive=interactive)
+
+
+def _dedupe(prompts: Iterable[str]) -> tuple[str, ...]:
+    seen: dict[str, str] = {}
+    for p in prompts:
+        seen.setdefault(normalize(p), p)
+    return tuple(seen.values())
+
+
+def project_key(project: Any) -> str | None:
+    """Label Studio sends project as "<id>.<timestamp>"; the id alone survives config edits."""
+    if project is None or project == "":
+        return None
+    return str(project).split(".", 1)[0].strip() or None
+
+
+class PromptMemory:
+    """Last free-text prompts per project, in a JSON file shared by threads and worker processes."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._lock = threading.Lock()
+
+    def get(self, project: Any) -> tuple[str, ...]:
+        key = project_key(project)
+        if key is None:
+            return ()
+        with self._locked(shared=True):
+            entry = self._read().get(key) or {}
+        prompts = entry.get("prompts") if isinstance(entry, dict) else None
+        return tuple(p for p in prompts if isinstance(p, str)) if isinstance(prompts, list) else ()
+
+    def set(self, project: Any, prompts: Iterable[str]) -> None:
+        key = project_key(project)
+        if key is None:
+            return
+        prompts = list(prompts)
+        with self._locked(shared=False):
+            data = self._read()
+            if prompts:
+                data[key] = {"prompts": prompts, "updated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            else:
+                data.pop(key, None)
+            self._write(data)
+
+    def forget(self, project: Any) -> None:
+        self.set(project, ())
+
+    @contextlib.contextmanager
+    def _locked(self, shared: bool):
+        with self._lock:
+            if fcntl is None:
+                yield
+                return
+            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+            with open(self.path + ".lock", "a+") as handle:
+                fcntl.flock(handle, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+                try:
+                    yield
+                finally:
+                    fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _read(self) -> dict:
+        try:
+            with open(self.path, encoding="utf-8") as handle:
+                data = json.load(handle)
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            logger.warning("prompt memory %s unreadable, starting empty: %s", self.path, exc)
+            return {}
+        projects = data.get("projects") if isinstance(data, dict) else None
+        return projects if isinstance(projects, dict) else {}
+
+    def _write(self, projects: dict) -> None:
+        directory = os.path.dirname(self.path) or "."
+        os.makedirs(directory, exist_ok=True)
+        # Write-then-rename so a reader never sees half a file.
+        fd, tmp = tempfile.mkstemp(prefix=".prompts-", suffix=".json", dir=directory)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                json.dump({"projects": projects}, handle, indent=1, ensure_ascii=False)
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise

@@ -1,0 +1,254 @@
+"""Flask app speaking the Label Studio ML backend protocol.
+
+Endpoints: GET /health (and GET /), POST /setup, POST /predict, POST /webhook, GET /versions,
+GET /metrics. Label Studio waits 1 s for /health and 3 s for /setup, so neither touches the
+model; the model loads in a background thread as soon as the app is created.
+"""
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import re
+import time
+import uuid
+from types import SimpleNamespace
+from typing import Any
+
+from flask import Flask, Response, g, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from .label_config import LabelConfigError, parse_label_config
+from .metrics import BackendMetrics
+from .model import ANNOTATION_EVENTS, TRAINING_EVENTS, GemBackendModel, ModelNotReady
+from .settings import Settings
+
+logger = logging.getLogger(__name__)
+request_log = logging.getLogger("backend.requests")
+
+# Open even when basic auth is on: liveness probes call /health without credentials, and Label
+# Studio sends annotation webhooks without the backend's basic auth (START_TRAINING has it).
+# Neither exposes data or runs the model; /webhook only appends to the feedback log.
+OPEN_ENDPOINTS = frozenset({"health", "index", "webhook"})
+_LOGGED_TASK_IDS = 50
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, **extra: Any):
+        super().__init__(message)
+        self.status, self.message, self.extra = status, message, extra
+
+
+def configure_logging(level: str) -> None:
+    """Plain lines on stderr; per-request lines are JSON so they can be parsed."""
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+    root.setLevel(level)
+    # urllib3 logs full URLs at DEBUG, presigned query strings included.
+    logging.getLogger("urllib3").setLevel(max(logging.INFO, logging.getLevelName(level)))
+
+
+def create_app(settings: Settings, model: GemBackendModel | None = None, load: bool = True) -> Flask:
+    """App with its own model and metrics. `load=False` leaves loading to the caller (tests)."""
+    metrics = BackendMetrics()
+    if model is None:
+        model = GemBackendModel(settings, metrics=metrics)
+    elif model.metrics is None:
+        model.metrics = metrics
+        if model.ready:
+            metrics.model_ready.set(1)
+            metrics.model_load_seconds.set(model.load_seconds or 0.0)
+    metrics = model.metrics
+
+    app = Flask("backend")
+    app.config["MAX_CONTENT_LENGTH"] = int(settings.max_request_mb * 1024 * 1024)
+    app.json.sort_keys = False
+    app.extensions["gem"] = SimpleNamespace(settings=settings, model=model, metrics=metrics)
+
+    @app.before_request
+    def _start() -> Response | None:
+        g.started = time.perf_counter()
+        g.request_id = _request_id()
+        g.log = {}
+        if settings.basic_auth_enabled and request.endpoint not in OPEN_ENDPOINTS and not _authorized(settings):
+            response = _error_response(401, "basic auth required")
+            response.headers["WWW-Authenticate"] = 'Basic realm="gem-backend", charset="UTF-8"'
+            return response
+        return None
+
+    @app.after_request
+    def _finish(response: Response) -> Response:
+        endpoint = request.url_rule.rule if request.url_rule else "unmatched"
+        seconds = time.perf_counter() - getattr(g, "started", time.perf_counter())
+        metrics.requests.inc(endpoint=endpoint, method=request.method, status=str(response.status_code))
+        metrics.request_seconds.observe(seconds, endpoint=endpoint)
+        if response.status_code >= 400:
+            kind = "client" if response.status_code < 500 else "server"
+            metrics.errors.inc(endpoint=endpoint, kind=kind)
+        response.headers["X-Request-ID"] = getattr(g, "request_id", "")
+        record = {"request_id": getattr(g, "request_id", ""), "method": request.method,
+                  "path": request.path, "status": response.status_code, "ms": round(seconds * 1000, 1)}
+        record.update(getattr(g, "log", {}))
+        if response.status_code >= 500:
+            level = logging.WARNING
+        elif endpoint in ("/health", "/", "/metrics") and response.status_code == 200:
+            level = logging.DEBUG  # polled every few seconds by Label Studio, probes and scrapers
+        else:
+            level = logging.INFO
+        request_log.log(level, json.dumps(record, default=str))
+        return response
+
+    @app.errorhandler(ApiError)
+    def _api_error(exc: ApiError) -> Response:
+        getattr(g, "log", {})["error"] = exc.message
+        response = _error_response(exc.status, exc.message, **exc.extra)
+        if exc.status == 503:
+            response.headers["Retry-After"] = "10"
+        return response
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException) -> Response:
+        return _error_response(exc.code or 500, exc.description or exc.name)
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> Response:
+        logger.exception("request %s failed", getattr(g, "request_id", "?"))
+        return _error_response(500, "internal error; see the backend log", request_id=getattr(g, "request_id", ""))
+
+    # -- endpoints ----------------------------------------------------------------------------
+
+    @app.get("/health", endpoint="health")
+    @app.get("/", endpoint="index")
+    def health() -> Response:
+        body = {"status": "UP", "model_class": type(model).__name__, "model_ready": model.ready,
+                "model_version": model.model_version}
+        if model.load_error:
+            body["model_error"] = model.load_error
+        return jsonify(body)
+
+    @app.post("/setup")
+    def setup() -> Response:
+        body = _json_object()
+        project = body.get("project")
+        schema = _optional_str(body, "schema")
+        hostname = _optional_str(body, "hostname")
+        access_token = _optional_str(body, "access_token")
+        version = model.setup(project=project, schema=schema, hostname=hostname, access_token=access_token,
+                              extra_params=body.get("extra_params"))
+        g.log.update(project=project)
+        answer: dict[str, Any] = {"model_version": version}
+        if schema:
+            # Connecting must succeed even before the project has a fitting config; say what is wrong.
+            try:
+                parse_label_config(schema, settings.outputs)
+            except LabelConfigError as exc:
+                answer["warning"] = str(exc)
+                g.log["warning"] = str(exc)
+        return jsonify(answer)
+
+    @app.post("/predict")
+    def predict() -> Response:
+        body = _json_object()
+        tasks = body.get("tasks")
+        if not isinstance(tasks, list):
+            raise ApiError(400, "'tasks' must be a list of Label Studio tasks")
+        for i, task in enumerate(tasks):
+            if not isinstance(task, dict):
+                raise ApiError(400, f"tasks[{i}] must be an object, got {type(task).__name__}")
+        label_config = _optional_str(body, "label_config")
+        params = body.get("params")
+        if params is not None and not isinstance(params, dict):
+            raise ApiError(400, "'params' must be an object")
+        context = (params or {}).get("context") or body.get("context")
+        if context is not None and not isinstance(context, dict):
+            raise ApiError(400, "'params.context' must be an object")
+        project = body.get("project")
+        ids = [t.get("id") for t in tasks]
+        g.log.update(project=project, tasks=len(tasks), task_ids=ids[:_LOGGED_TASK_IDS])
+        if not tasks:
+            return jsonify({"results": [], "model_version": model.model_version})
+        try:
+            predictions, report = model.predict_with_report(tasks, context, label_config=label_config,
+                                                            project=project)
+        except LabelConfigError as exc:
+            raise ApiError(422, str(exc)) from None
+        except ModelNotReady as exc:
+            raise ApiError(503, str(exc), model_ready=False) from None
+        failed = [{"task": o.task_id, "reason": o.reason, "message": o.message} for o in report.outcomes if not o.ok]
+        g.log.update(interactive=report.interactive, prompts=len(report.prompts),
+                     results=sum(o.results for o in report.outcomes),
+                     failed=failed[:_LOGGED_TASK_IDS],
+                     timings_ms={k: round(v * 1000, 1) for k, v in report.timings.items()},
+                     outcome="ok" if not failed else ("partial" if len(failed) < len(tasks) else "failed"))
+        for prediction in predictions:
+            for item in prediction.get("result", ()):
+                metrics.regions.inc(type=item["type"])
+        return jsonify({"results": predictions, "model_version": model.model_version})
+
+    @app.post("/webhook")
+    def webhook() -> Response:
+        body = _json_object()
+        action = body.get("action")
+        if not isinstance(action, str) or not action:
+            raise ApiError(400, "webhook body needs an 'action' string")
+        answer = model.webhook(action, body)
+        # /webhook is open, so its label values must come from a fixed set, not from the caller.
+        known = action in ANNOTATION_EVENTS or action in TRAINING_EVENTS
+        metrics.webhooks.inc(action=action if known else "other", handling=answer["status"])
+        g.log.update(action=action, handling=answer["status"])
+        return jsonify(answer)
+
+    @app.route("/versions", methods=["GET", "POST"])  # POST: clients of label-studio-ml 1.x
+    def versions() -> Response:
+        return jsonify({"versions": [model.model_version]})
+
+    @app.get("/metrics")
+    def metrics_endpoint() -> Response:
+        return Response(metrics.render(), mimetype=None, content_type=BackendMetrics.CONTENT_TYPE)
+
+    if load:
+        model.start_loading()
+    return app
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+def _request_id() -> str:
+    given = request.headers.get("X-Request-ID", "")
+    return given if re.fullmatch(r"[A-Za-z0-9._-]{1,64}", given) else uuid.uuid4().hex[:12]
+
+
+def _authorized(settings: Settings) -> bool:
+    auth = request.authorization
+    if auth is None or auth.type != "basic":
+        return False
+    # Compare both fields every time so timing does not reveal which one was wrong.
+    user_ok = hmac.compare_digest((auth.username or "").encode(), settings.basic_auth_user.encode())
+    pass_ok = hmac.compare_digest((auth.password or "").encode(), settings.basic_auth_pass.encode())
+    return user_ok & pass_ok
+
+
+def _json_object() -> dict:
+    body = request.get_json(force=True, silent=True)
+    if body is None:
+        raise ApiError(400, "request body must be a JSON object (Content-Type: application/json)")
+    if not isinstance(body, dict):
+        raise ApiError(400, f"request body must be a JSON object, got {type(body).__name__}")
+    return body
+
+
+def _optional_str(body: dict, key: str) -> str | None:
+    value = body.get(key)
+    if value is not None and not isinstance(value, str):
+        raise ApiError(400, f"'{key}' must be a string")
+    return value
+
+
+def _error_response(status: int, message: str, **extra: Any) -> Response:
+    response = jsonify({"error": message, "status": status, **extra})
+    response.status_code = status
+    return response

@@ -1,0 +1,417 @@
+"""Every knob of the backend, read once from the environment into one frozen `Settings`.
+
+`python -m backend.settings --markdown` prints the settings table for the README, so the
+documentation cannot drift from the code. Region post-processing knobs are not duplicated
+here: they are derived from `gem_model.regions.RegionConfig` (env name `GEM_<FIELD>`), whose
+defaults stay the single source of truth.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import sys
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+OUTPUT_KINDS = ("brush", "polygon", "rectangle")
+PRECISIONS = ("fp32", "fp16", "bf16")
+RESIZE_MODES = ("short", "long", "square")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+class SettingsError(ValueError):
+    """One or more environment variables hold invalid values; the message names each one."""
+
+
+# ---------------------------------------------------------------------------------------
+# Parsers: each takes the raw string and returns the value or raises ValueError(reason).
+
+
+def _str(raw: str) -> str:
+    return raw.strip()
+
+
+def _int(minimum: int | None = None, maximum: int | None = None) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            raise ValueError("expected an integer") from None
+        if minimum is not None and value < minimum:
+            raise ValueError(f"must be >= {minimum}")
+        if maximum is not None and value > maximum:
+            raise ValueError(f"must be <= {maximum}")
+        return value
+    return parse
+
+
+def _float(minimum: float | None = None, optional: bool = False) -> Callable[[str], float | None]:
+    def parse(raw: str) -> float | None:
+        raw = raw.strip()
+        if optional and raw.lower() in ("", "none", "auto", "adaptive"):
+            return None
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ValueError("expected a number" + (" or empty" if optional else "")) from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError("must be finite")
+        if minimum is not None and value < minimum:
+            raise ValueError(f"must be >= {minimum}")
+        return value
+    return parse
+
+
+def _bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected true/false")
+
+
+def _choice(choices: tuple[str, ...], upper: bool = False) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip().upper() if upper else raw.strip().lower()
+        if value not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}")
+        return value
+    return parse
+
+
+def _outputs(raw: str) -> tuple[str, ...]:
+    kinds = tuple(dict.fromkeys(p.strip().lower() for p in raw.split(",") if p.strip()))
+    unknown = [k for k in kinds if k not in OUTPUT_KINDS]
+    if unknown:
+        raise ValueError(f"unknown output {', '.join(unknown)}; expected a comma list of {', '.join(OUTPUT_KINDS)}")
+    if not kinds:
+        raise ValueError(f"expected at least one of {', '.join(OUTPUT_KINDS)}")
+    return kinds
+
+
+def _device(raw: str) -> str:
+    value = raw.strip().lower()
+    if value in ("auto", "cpu", "cuda", "mps") or re.fullmatch(r"cuda:\d+", value):
+        return value
+    raise ValueError("expected auto, cpu, cuda, cuda:N or mps")
+
+
+def _url(raw: str) -> str:
+    value = raw.strip().rstrip("/")
+    if value and not re.match(r"^https?://[^/\s]+", value):
+        raise ValueError("expected an http:// or https:// URL, e.g. http://label-studio:8080")
+    return value
+
+
+def knob(env: str, default: Any, description: str, unit: str = "", parse: Callable[[str], Any] = _str,
+         group: str = "", secret: bool = False):
+    """A settings field bound to an environment variable; its metadata renders the docs table."""
+    return field(default=default, repr=not secret, metadata={
+        "env": env, "description": description, "unit": unit, "parse": parse,
+        "group": group, "secret": secret})
+
+
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Model
+    model_name: str = knob("GEM_MODEL", "ViT-B-16", "open_clip architecture (`ViT-B/16` spelling accepted)",
+                           group="Model")
+    pretrained: str = knob("GEM_PRETRAINED", "openai",
+                           "open_clip pretrained tag, path to a local checkpoint file, or `none` (random weights, for tests)",
+                           group="Model")
+    model_config: str = knob("GEM_MODEL_CONFIG", "",
+                             "JSON architecture file for a model open_clip does not name; empty = none",
+                             group="Model")
+    device: str = knob("GEM_DEVICE", "auto", "`auto` (cuda if available, else cpu), `cpu`, `cuda`, `cuda:N`",
+                       parse=_device, group="Model")
+    precision: str = knob("GEM_PRECISION", "fp32", "`fp32`, `fp16` or `bf16` (half precision needs a GPU)",
+                          parse=_choice(PRECISIONS), group="Model")
+    image_size: int = knob("GEM_IMAGE_SIZE", 448, "image side fed to the model (see GEM_RESIZE_MODE)",
+                           unit="px", parse=_int(16, 4096), group="Model")
+    resize_mode: str = knob("GEM_RESIZE_MODE", "short",
+                            "`short`: shorter side becomes GEM_IMAGE_SIZE; `long`: longer side does; `square`: both",
+                            parse=_choice(RESIZE_MODES), group="Model")
+    gem_depth: int = knob("GEM_DEPTH", 7, "last transformer layers that get the GEM self-self attention path",
+                          unit="layers", parse=_int(1), group="Model")
+    ss_attn_iter: int = knob("GEM_SS_ATTN_ITER", 1, "iterations of self-self attention",
+                             parse=_int(1), group="Model")
+    ss_attn_temp: float | None = knob("GEM_SS_ATTN_TEMP", None,
+                                      "self-self attention temperature; empty = adaptive",
+                                      parse=_float(minimum=0.0, optional=True), group="Model")
+    batch_size: int = knob("GEM_BATCH_SIZE", 8, "images encoded per model call", unit="images",
+                           parse=_int(1, 1024), group="Model")
+
+    # Prediction
+    outputs: tuple[str, ...] = knob("GEM_OUTPUTS", OUTPUT_KINDS,
+                                    "which result types to produce when the labeling config has them "
+                                    "(comma list of brush, polygon, rectangle)", parse=_outputs, group="Prediction")
+    remember_prompts: bool = knob("GEM_REMEMBER_PROMPTS", True,
+                                  "remember each project's last free-text prompt and add it to batch predictions",
+                                  parse=_bool, group="Prediction")
+    failed_tasks: str = knob("GEM_FAILED_TASKS", "skip",
+                             "answer for a task that cannot be predicted (bad image): `skip` = an entry without "
+                             "`result`, which Label Studio does not store, so the next Retrieve Predictions retries it; "
+                             "`empty` = an empty prediction (`result: []`, score 0), which Label Studio stores and "
+                             "does not redo for this model version", parse=_choice(("skip", "empty")),
+                             group="Prediction")
+    load_wait: float = knob("GEM_LOAD_WAIT", 30.0,
+                            "how long /predict waits for a model that is still loading before answering 503",
+                            unit="s", parse=_float(minimum=0.0), group="Prediction")
+
+    # Images
+    fetch_timeout: float = knob("GEM_FETCH_TIMEOUT", 30.0, "time limit for downloading one image, all hops",
+                                unit="s", parse=_float(minimum=0.1), group="Images")
+    fetch_max_mb: float = knob("GEM_FETCH_MAX_MB", 50.0, "largest image file accepted", unit="MiB",
+                               parse=_float(minimum=0.001), group="Images")
+    fetch_max_redirects: int = knob("GEM_FETCH_MAX_REDIRECTS", 5, "redirects followed per image",
+                                    parse=_int(0, 30), group="Images")
+    fetch_workers: int = knob("GEM_FETCH_WORKERS", 4, "parallel image downloads per request",
+                              parse=_int(1, 64), group="Images")
+
+    # Label Studio
+    label_studio_url: str = knob("LABEL_STUDIO_URL", "",
+                                 "Label Studio base URL for `/data/...` images and cloud URIs; "
+                                 "empty = the hostname /setup sends", parse=_url, group="Label Studio")
+    label_studio_api_key: str = knob("LABEL_STUDIO_API_KEY", "",
+                                     "legacy token or personal access token; empty = the token /setup sends",
+                                     group="Label Studio", secret=True)
+
+    # Server
+    model_dir: str = knob("MODEL_DIR", "./model_data",
+                          "weights cache and state (remembered prompts, feedback log)", group="Server")
+    model_version: str = knob("MODEL_VERSION", "",
+                              "override the reported model version; empty = derived from model and settings",
+                              group="Server")
+    host: str = knob("HOST", "0.0.0.0", "address to listen on", group="Server")
+    port: int = knob("PORT", 9090, "port to listen on", parse=_int(1, 65535), group="Server")
+    workers: int = knob("WORKERS", 1, "gunicorn worker processes (one per GPU; each loads the model)",
+                        parse=_int(1, 64), group="Server")
+    threads: int = knob("THREADS", 8, "threads per worker (requests; the model itself runs one at a time)",
+                        parse=_int(1, 256), group="Server")
+    worker_timeout: int = knob("GEM_WORKER_TIMEOUT", 300,
+                               "gunicorn worker timeout; keep above Label Studio's ML_TIMEOUT_PREDICT (100 s)",
+                               unit="s", parse=_int(10), group="Server")
+    max_request_mb: float = knob("GEM_MAX_REQUEST_MB", 64.0, "largest request body accepted", unit="MiB",
+                                 parse=_float(minimum=0.01), group="Server")
+    log_level: str = knob("LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING, ERROR", parse=_choice(LOG_LEVELS, upper=True),
+                          group="Server")
+    basic_auth_user: str = knob("BASIC_AUTH_USER", "", "basic auth user; set with BASIC_AUTH_PASS to require it",
+                                group="Server")
+    basic_auth_pass: str = knob("BASIC_AUTH_PASS", "", "basic auth password", group="Server", secret=True)
+
+    # Region post-processing overrides, as (RegionConfig field, value) pairs; empty = its defaults.
+    region_overrides: tuple[tuple[str, Any], ...] = ()
+
+    # -----------------------------------------------------------------------------------
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+        """Read every knob; all invalid values are reported together, each by variable name."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        errors: list[str] = []
+        for f in _knob_fields():
+            raw = environ.get(f.metadata["env"])
+            if raw is None or (raw.strip() == "" and f.default is not None and f.default != ""):
+                continue
+            try:
+                values[f.name] = f.metadata["parse"](raw)
+            except ValueError as exc:
+                shown = "<hidden>" if f.metadata["secret"] else repr(raw)
+                errors.append(f"{f.metadata['env']}={shown}: {exc}")
+
+        overrides = []
+        for rk in region_knobs():
+            raw = environ.get(rk.env)
+            if raw is None or raw.strip() == "":
+                continue
+            try:
+                overrides.append((rk.field, rk.parse(raw)))
+            except ValueError as exc:
+                errors.append(f"{rk.env}={raw!r}: {exc}")
+        values["region_overrides"] = tuple(overrides)
+
+        if bool(environ.get("BASIC_AUTH_USER", "").strip()) != bool(environ.get("BASIC_AUTH_PASS", "")):
+            errors.append("BASIC_AUTH_USER and BASIC_AUTH_PASS: set both or neither")
+        if errors:
+            raise SettingsError("invalid settings:\n  " + "\n  ".join(errors))
+        settings = cls(**values)
+        if overrides:
+            settings.region_config()  # let RegionConfig's own checks name a bad combination now
+        return settings
+
+    def replace(self, **changes: Any) -> "Settings":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def basic_auth_enabled(self) -> bool:
+        return bool(self.basic_auth_user and self.basic_auth_pass)
+
+    @property
+    def weights_dir(self) -> str:
+        return os.path.join(self.model_dir, "weights")
+
+    def region_config(self):
+        """`gem_model.regions.RegionConfig` with this environment's overrides applied."""
+        from gem_model.regions import RegionConfig
+        try:
+            return RegionConfig(**dict(self.region_overrides))
+        except (TypeError, ValueError) as exc:
+            names = ", ".join(f"GEM_{k.upper()}" for k, _ in self.region_overrides)
+            raise SettingsError(f"invalid region settings ({names}): {exc}") from exc
+
+    def public_dict(self) -> dict[str, Any]:
+        """Settings safe to log: secrets are reduced to whether they are set."""
+        out = {}
+        for f in _knob_fields():
+            value = getattr(self, f.name)
+            out[f.metadata["env"]] = ("<set>" if value else "") if f.metadata["secret"] else value
+        for name, value in self.region_overrides:
+            out[f"GEM_{name.upper()}"] = value
+        return out
+
+
+def _knob_fields() -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(Settings) if "env" in f.metadata]
+
+
+# ---------------------------------------------------------------------------------------
+# Region knobs, derived from RegionConfig.
+
+
+@dataclass(frozen=True)
+class RegionKnob:
+    env: str
+    field: str
+    default: Any
+    unit: str
+    description: str
+    parse: Callable[[str], Any]
+
+
+def _region_config_class():
+    try:
+        from gem_model.regions import RegionConfig
+    except ImportError:
+        return None
+    return RegionConfig
+
+
+def _parser_for(annotation: Any, default: Any) -> Callable[[str], Any]:
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+    optional = default is None or "None" in text or "Optional" in text
+    literal = re.findall(r"""['"]([^'"]+)['"]""", text) if "Literal" in text else []
+    if literal:
+        return _choice(tuple(literal))
+    if isinstance(default, bool) or re.search(r"\bbool\b", text):
+        return _bool
+    if isinstance(default, int) and not isinstance(default, bool) or re.fullmatch(r"\s*int\s*(\|\s*None)?\s*", text):
+        base = _int()
+        if optional:
+            return lambda raw: None if raw.strip().lower() in ("none", "") else base(raw)
+        return base
+    if isinstance(default, float) or re.search(r"\bfloat\b", text):
+        return _float(optional=optional)
+    return lambda raw: raw.strip().lower()
+
+
+def region_knobs() -> list[RegionKnob]:
+    """One knob per RegionConfig field; empty until gem_model.regions exists."""
+    cls = _region_config_class()
+    if cls is None or not dataclasses.is_dataclass(cls):
+        return []
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # unresolvable forward refs: fall back to the raw annotation strings
+        hints = {}
+    knobs = []
+    for f in dataclasses.fields(cls):
+        if f.name.startswith("_") or not f.init:
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+        else:
+            default = None
+        annotation = hints.get(f.name, f.type)
+        description = f.metadata.get("doc") or f.metadata.get("description") or f.name.replace("_", " ")
+        unit = f.metadata.get("unit", "")
+        knobs.append(RegionKnob(f"GEM_{f.name.upper()}", f.name, default, "" if unit == "-" else unit,
+                                " ".join(str(description).split()), _parser_for(annotation, default)))
+    return knobs
+
+
+# ---------------------------------------------------------------------------------------
+# Documentation table.
+
+
+def _fmt_default(value: Any) -> str:
+    if value is None or value == "":
+        return "(empty)"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def settings_rows() -> list[tuple[str, str, str, str, str]]:
+    """(group, variable, default, unit, description) for every knob, in documentation order."""
+    rows = []
+    for f in _knob_fields():
+        m = f.metadata
+        rows.append((m["group"], m["env"], _fmt_default(f.default), m["unit"], m["description"]))
+        if m["env"] == "GEM_LOAD_WAIT":  # region knobs read best right after the prediction knobs
+            for rk in region_knobs():
+                rows.append(("Regions", rk.env, _fmt_default(rk.default), rk.unit, rk.description))
+    return rows
+
+
+def settings_markdown() -> str:
+    lines = ["| Variable | Default | Unit | Description |", "|---|---|---|---|"]
+    group = None
+    for g, env, default, unit, description in settings_rows():
+        if g != group:
+            lines.append(f"| **{g}** | | | |")
+            group = g
+        lines.append(f"| `{env}` | `{default}` | {unit} | {description.replace('|', '/')} |")
+    return "\n".join(lines)
+
+
+def settings_text() -> str:
+    width = max(len(r[1]) for r in settings_rows())
+    out = []
+    for _, env, default, unit, description in settings_rows():
+        suffix = f" [{unit}]" if unit else ""
+        out.append(f"  {env:<{width}}  {description}{suffix} (default: {default})")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    parser = argparse.ArgumentParser(prog="python -m backend.settings",
+                                     description="Show the backend's settings (environment variables).")
+    parser.add_argument("--markdown", action="store_true", help="print the README settings table")
+    parser.add_argument("--check", action="store_true", help="validate the current environment and print it")
+    args = parser.parse_args(argv)
+    if args.check:
+        try:
+            settings = Settings.from_env()
+        except SettingsError as exc:
+            print(exc, file=sys.stderr)
+            return 2
+        for key, value in settings.public_dict().items():
+            print(f"{key}={_fmt_default(value)}")
+        return 0
+    print(settings_markdown() if args.markdown else settings_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,198 @@
+"""Image fetching: Label Studio URLs, tokens (legacy and personal access tokens), limits, EXIF.
+
+Two local HTTP servers play Label Studio and an unrelated host; the unrelated host must never
+receive an Authorization header, whatever route leads there.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import time
+
+import numpy as np
+import pytest
+
+from backend.images import ImageFetcher, ImageFetchError, decode_image, jwt_claims, origin
+from backend.settings import Settings
+from backend_fixtures import LocalServer, data_uri, make_jwt, square_image
+
+PNG = square_image()
+
+
+@pytest.fixture
+def ls():
+    server = LocalServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def other():
+    server = LocalServer()
+    yield server
+    server.close()
+
+
+def fetcher_for(ls_url: str = "", token: str = "", **env) -> ImageFetcher:
+    environ = {"LABEL_STUDIO_URL": ls_url, "LABEL_STUDIO_API_KEY": token, **env}
+    return ImageFetcher(Settings.from_env(environ))
+
+
+def test_legacy_token_on_upload_and_local_files(ls):
+    ls.image("/data/upload/1/a.png", PNG, require="Token legacy-abc")
+    ls.image("/data/local-files/?d=photos/b.png", PNG, require="Token legacy-abc")
+    fetcher = fetcher_for(ls.url, "legacy-abc")
+    for url in ("/data/upload/1/a.png", "upload/1/a.png", "/data/local-files/?d=photos/b.png"):
+        fetched = fetcher.fetch(url)
+        assert (fetched.width, fetched.height) == (40, 30) and fetched.image.mode == "RGB"
+    assert set(ls.auth_headers()) == {"Token legacy-abc"}
+
+
+def test_personal_access_token_is_refreshed_and_cached(ls):
+    pat = make_jwt({"token_type": "refresh", "exp": time.time() + 3600, "jti": "x"})
+    accesses = []
+
+    def refresh(seen):
+        assert json.loads(seen.body) == {"refresh": pat}
+        access = make_jwt({"token_type": "access", "exp": time.time() + 300, "n": len(accesses)})
+        accesses.append(access)
+        return 200, {"Content-Type": "application/json"}, json.dumps({"access": access}).encode()
+
+    ls.routes[("POST", "/api/token/refresh/")] = refresh
+    ls.routes[("GET", "/data/upload/1/a.png")] = lambda seen: (
+        (200, {"Content-Type": "image/png"}, PNG) if seen.headers.get("Authorization") == f"Bearer {accesses[-1]}"
+        else (401, {}, b"no"))
+    fetcher = fetcher_for(ls.url, pat)
+    fetcher.fetch("/data/upload/1/a.png")
+    fetcher.fetch("/data/upload/1/a.png")
+    assert len(accesses) == 1                     # second fetch reused the cached access token
+    assert f"Bearer {pat}" not in ls.auth_headers()  # the PAT itself is never used as a bearer
+
+
+def test_personal_access_token_refreshed_before_expiry_and_after_401(ls):
+    pat = make_jwt({"token_type": "refresh"})
+    accesses = []
+    lifetime = [5.0]   # first inside the renewal margin: every use must refresh again
+
+    def refresh(seen):
+        access = make_jwt({"token_type": "access", "exp": time.time() + lifetime[0], "n": len(accesses)})
+        accesses.append(access)
+        return 200, {}, json.dumps({"access": access}).encode()
+
+    ls.routes[("POST", "/api/token/refresh/")] = refresh
+    ls.image("/data/upload/1/a.png", PNG)
+    fetcher = fetcher_for(ls.url, pat)
+    fetcher.fetch("/data/upload/1/a.png")
+    fetcher.fetch("/data/upload/1/a.png")
+    assert len(accesses) == 2
+
+    # A revoked access token (401) is renewed once and the download retried.
+    lifetime[0] = 300.0
+    pat2 = make_jwt({"token_type": "refresh", "k": 2})
+    served = []
+    ls.routes[("GET", "/data/upload/2/b.png")] = lambda seen: (
+        (401, {}, b"") if not served and not served.append(1) else (200, {}, PNG))
+    fetcher2 = fetcher_for(ls.url, pat2)
+    fetcher2.fetch("/data/upload/2/b.png")
+    assert len(served) == 1 and len(accesses) == 4   # one refresh to start, one after the 401
+
+
+def test_refused_personal_access_token_is_a_clear_error(ls):
+    ls.routes[("POST", "/api/token/refresh/")] = lambda seen: (401, {}, b'{"detail":"bad"}')
+    with pytest.raises(ImageFetchError, match="personal access token"):
+        fetcher_for(ls.url, make_jwt({"token_type": "refresh"})).fetch("/data/upload/1/a.png")
+
+
+def test_token_never_sent_to_other_hosts(ls, other):
+    other.image("/pic.png", PNG)
+    ls.redirect("/data/upload/1/moved.png", f"{other.url}/pic.png")
+    fetcher = fetcher_for(ls.url, "legacy-abc")
+    fetcher.fetch(f"{other.url}/pic.png")                 # direct URL to another host
+    fetcher.fetch("/data/upload/1/moved.png")              # LS redirects to another host
+    fetcher.fetch(f"http://localhost:{other.url.rsplit(':', 1)[1]}/pic.png")  # same machine, other port
+    assert len(other.seen) == 3
+    assert other.auth_headers() == [None, None, None]
+    assert ls.auth_headers() == ["Token legacy-abc"]
+
+
+def test_setup_token_and_hostname_are_the_fallback(ls):
+    ls.image("/data/upload/1/a.png", PNG, require="Token from-setup")
+    fetcher = fetcher_for()
+    with pytest.raises(ImageFetchError, match="LABEL_STUDIO_URL"):
+        fetcher.fetch("/data/upload/1/a.png")
+    fetcher.remember_setup("1", ls.url, "from-setup")
+    assert fetcher.fetch("/data/upload/1/a.png", project_key="1").width == 40
+    # The environment wins over /setup.
+    env_fetcher = fetcher_for(ls.url, "from-env")
+    env_fetcher.remember_setup("1", "http://elsewhere:1", "from-setup")
+    assert env_fetcher.label_studio("1").token == "from-env" and env_fetcher.label_studio("1").url == ls.url
+
+
+def test_cloud_uri_is_presigned_by_label_studio(ls, other):
+    uri = "s3://bucket/dir/photo.png"
+    encoded = base64.urlsafe_b64encode(uri.encode()).decode()
+    other.image("/signed.png?X-Amz-Signature=abc", PNG)
+    ls.redirect(f"/tasks/42/presign/?fileuri={encoded}", f"{other.url}/signed.png?X-Amz-Signature=abc", 303)
+    fetched = fetcher_for(ls.url, "legacy-abc").fetch(uri, task_id=42)
+    assert fetched.width == 40
+    assert ls.auth_headers() == ["Token legacy-abc"] and other.auth_headers() == [None]
+    with pytest.raises(ImageFetchError, match="task id"):
+        fetcher_for(ls.url, "t").fetch(uri)
+
+
+def test_http_errors_limits_and_bad_urls(ls):
+    fetcher = fetcher_for(ls.url, "t", GEM_FETCH_MAX_MB="0.001", GEM_FETCH_MAX_REDIRECTS="2")
+    with pytest.raises(ImageFetchError, match="HTTP 404") as info:
+        fetcher.fetch("/data/upload/1/missing.png")
+    assert info.value.reason == "http_4xx"
+
+    ls.image("/big.png", b"\0" * 5000)
+    with pytest.raises(ImageFetchError, match="GEM_FETCH_MAX_MB"):
+        fetcher.fetch("/big.png")
+
+    for k in range(4):
+        ls.redirect(f"/loop{k}", f"/loop{k + 1}")
+    with pytest.raises(ImageFetchError, match="too many redirects"):
+        fetcher.fetch("/loop0")
+
+    ls.image("/text.png", b"this is not an image")
+    with pytest.raises(ImageFetchError, match="not a readable image") as info:
+        fetcher.fetch("/text.png")
+    assert info.value.reason == "decode"
+
+    for url in ("ftp://x/y.png", "file:///etc/passwd", "", "C:\\a.png"):
+        with pytest.raises(ImageFetchError):
+            fetcher.fetch(url)
+    with pytest.raises(ImageFetchError, match="cannot connect"):
+        fetcher.fetch("http://127.0.0.1:9/nothing.png")
+
+
+def test_errors_do_not_leak_signed_queries(other):
+    other.routes[("GET", "*")] = lambda seen: (403, {}, b"")
+    with pytest.raises(ImageFetchError) as info:
+        fetcher_for().fetch(f"{other.url}/x.png?X-Amz-Signature=SECRET")
+    assert "SECRET" not in str(info.value)
+
+
+def test_data_uri():
+    fetched = fetcher_for().fetch(data_uri(PNG))
+    assert (fetched.width, fetched.height) == (40, 30)
+
+
+def test_exif_orientation_is_applied():
+    # Stored 40x30 landscape with the box at x 10..20, y 5..15; orientation 6 = rotate 90 deg clockwise.
+    jpeg = square_image(fmt="JPEG", exif_orientation=6)
+    fetched = decode_image(jpeg)
+    assert (fetched.width, fetched.height) == (30, 40)
+    bright = np.asarray(fetched.image.convert("L")) > 128
+    rows, cols = np.nonzero(bright)
+    # After a clockwise turn, stored (x, y) goes to (H - 1 - y, x): box x 15..25, y 10..20.
+    assert (cols.min(), cols.max() + 1, rows.min(), rows.max() + 1) == (15, 25, 10, 20)
+
+
+def test_jwt_detection_and_origin():
+    assert jwt_claims(make_jwt({"token_type": "refresh"})) == {"token_type": "refresh"}
+    assert jwt_claims("0123456789abcdef0123456789abcdef01234567") is None
+    assert jwt_claims("a.b.c") is None
+    assert origin("http://LS:80/x") == origin("http://ls/y") != origin("https://ls/y")
+    assert origin("http://ls:8080/") != origin("http://ls:8081/")
