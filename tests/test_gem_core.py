@@ -2,11 +2,9 @@
 import copy
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 import gem_model
 from gem_model import (GemError, InvalidInputError, UnsupportedModelError, WeightsNotFoundError,
