@@ -635,7 +635,7 @@ def test_documented_labeling_config_is_what_the_backend_predicts():
     assert ('<TextArea name="prompt" toName="image" editable="true" rows="2" maxSubmissions="1" '
             'showSubmitButton="true"/>') in config
     plan = label_config.parse_label_config(config)
-    controls = {c.tag: c for c in plan.controls_for("image")}
+    controls = {c.tag: c for c in plan.controls if c.to_name == "image"}
     assert set(controls) == {"BrushLabels", "PolygonLabels", "RectangleLabels"}
     labels = {tag: [(label.value, label.prompts) for label in c.labels] for tag, c in controls.items()}
     assert labels["BrushLabels"] == labels["PolygonLabels"] == labels["RectangleLabels"]
