@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .settings import Settings, SettingsError, settings_text
+from .settings import Settings, SettingsError, check_model_files, settings_text, startup_error
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,8 +20,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         settings = Settings.from_env()
+        check_model_files(settings)
     except SettingsError as exc:
-        print(exc, file=sys.stderr)
+        print(startup_error(exc), file=sys.stderr)
         return 2
     if args.host:
         settings = settings.replace(host=args.host)
@@ -29,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = settings.replace(port=args.port)
 
     from .server import configure_logging, create_app
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, secrets=(settings.label_studio_api_key, settings.basic_auth_pass,
+                                                   settings.webhook_secret))
     app = create_app(settings)
     app.run(host=settings.host, port=settings.port, threaded=True, use_reloader=False)
     return 0

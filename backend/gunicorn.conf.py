@@ -8,9 +8,15 @@ import sys
 # gunicorn execs this file before it imports the app; make `backend` importable from any cwd.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from backend.settings import Settings  # noqa: E402
+from backend.settings import Settings, SettingsError, check_model_files, startup_error  # noqa: E402
 
-_settings = Settings.from_env()
+try:
+    _settings = Settings.from_env()
+    # Missing or broken weights stop the start here, with one line and a non-zero exit, instead
+    # of a worker that serves /health while its model can never load.
+    check_model_files(_settings)
+except SettingsError as _exc:
+    sys.exit(startup_error(_exc))  # SystemExit passes gunicorn's config loader: message + exit 1
 
 bind = f"{_settings.host}:{_settings.port}"
 # One worker per GPU: each worker holds a full model; threads overlap image downloads and

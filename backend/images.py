@@ -8,6 +8,10 @@ Understood sources:
   a redirect to a signed URL (the route label-studio-sdk 2.1.2's get_local_path uses);
 * plain `http(s)://` URLs and `data:` URIs.
 
+Outbound policy (backend/urlguard.py): only http(s), Label Studio's own host and port, hosts in
+GEM_ALLOWED_HOSTS, and hosts that resolve only to public addresses; checked on every redirect hop
+and again, against rebinding, by the connection itself.
+
 Label Studio credentials: a legacy token is sent as `Authorization: Token <t>`; a personal
 access token (a JWT refresh token) is exchanged at `POST <LS>/api/token/refresh/` for a short-
 lived access token sent as `Authorization: Bearer <access>`. The header is attached per request
@@ -26,10 +30,13 @@ import time
 from dataclasses import dataclass
 from urllib.parse import unquote_to_bytes, urljoin, urlsplit, urlunsplit
 
+import numpy as np
 import requests
+import urllib3
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .settings import Settings
+from .urlguard import BlockedURLError, GuardedAdapter, UnresolvableHostError, UrlGuard
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +46,7 @@ REDIRECT_CODES = (301, 302, 303, 307, 308)
 ACCESS_TOKEN_MARGIN_S = 30.0
 ACCESS_TOKEN_FALLBACK_LIFETIME_S = 240.0
 _CHUNK = 64 * 1024
+MAX_REMEMBERED_PROJECTS = 256
 
 
 class ImageFetchError(Exception):
@@ -79,11 +87,17 @@ def redact(url: str, keep_query: bool = False) -> str:
     """URL for logs and error messages: no credentials, and no query (signatures live there)."""
     if url.startswith("data:"):
         return "data:..."
-    parts = urlsplit(url)
-    netloc = parts.hostname or ""
-    if parts.port:
-        netloc += f":{parts.port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query if keep_query else "", ""))
+    try:
+        parts = urlsplit(url)
+        netloc = parts.hostname or ""
+        if ":" in netloc:
+            netloc = f"[{netloc}]"
+        if parts.port:
+            netloc += f":{parts.port}"
+    except ValueError:
+        return "<malformed URL>"
+    path = parts.path if len(parts.path) <= 200 else parts.path[:200] + "..."
+    return urlunsplit((parts.scheme, netloc, path, parts.query if keep_query else "", ""))
 
 
 def _b64url_json(segment: str) -> dict | None:
@@ -148,6 +162,8 @@ class ImageFetcher:
         self.timeout = settings.fetch_timeout
         self.max_bytes = int(settings.fetch_max_mb * 1024 * 1024)
         self.max_redirects = settings.fetch_max_redirects
+        self.max_pixels = int(settings.max_image_megapixels * 1_000_000)
+        self.guard = UrlGuard(settings.allowed_hosts)
         self.session = session or self._new_session(settings.fetch_workers)
         self.credentials = LabelStudioCredentials()
         self._setup_lock = threading.Lock()
@@ -157,7 +173,8 @@ class ImageFetcher:
     @staticmethod
     def _new_session(pool: int) -> requests.Session:
         session = requests.Session()
-        adapter = requests.adapters.HTTPAdapter(pool_connections=8, pool_maxsize=max(pool * 2, 10))
+        # Direct connections resolve, check and connect in one step (no DNS rebinding window).
+        adapter = GuardedAdapter(pool_connections=8, pool_maxsize=max(pool * 2, 10))
         session.mount("http://", adapter)
         session.mount("https://", adapter)
         return session
@@ -170,7 +187,10 @@ class ImageFetcher:
             access = LabelStudioAccess(url="", token=access.token)
         with self._setup_lock:
             if project_key:
+                self._setup.pop(project_key, None)
                 self._setup[project_key] = access
+                while len(self._setup) > MAX_REMEMBERED_PROJECTS:   # /setup may be open: stay bounded
+                    self._setup.pop(next(iter(self._setup)))
             self._last_setup = access
 
     def label_studio(self, project_key: str | None = None) -> LabelStudioAccess:
@@ -184,7 +204,10 @@ class ImageFetcher:
     # -- public ----------------------------------------------------------------------
 
     def fetch(self, url: str, task_id: int | None = None, project_key: str | None = None) -> FetchedImage:
-        return decode_image(self.download(url, task_id=task_id, project_key=project_key))
+        return self.decode(self.download(url, task_id=task_id, project_key=project_key))
+
+    def decode(self, data: bytes) -> FetchedImage:
+        return decode_image(data, max_pixels=self.max_pixels)
 
     def download(self, url: str, task_id: int | None = None, project_key: str | None = None) -> bytes:
         if not isinstance(url, str) or not url.strip():
@@ -205,6 +228,9 @@ class ImageFetcher:
                                       reason="config")
             if task_id is None:
                 raise ImageFetchError(f"{scheme}:// image needs the task id to presign it", reason="no_image")
+            text = str(task_id)
+            if isinstance(task_id, bool) or not (isinstance(task_id, int) or (text.isascii() and text.isdigit())):
+                raise ImageFetchError(f"{scheme}:// image needs an integer task id to presign it", reason="no_image")
             encoded = base64.urlsafe_b64encode(url.encode()).decode()
             return f"{access.url}/tasks/{int(task_id)}/presign/?fileuri={encoded}"
         if url.startswith("upload/"):
@@ -220,10 +246,22 @@ class ImageFetcher:
         raise ImageFetchError(f"unsupported image URL {redact(url)}: expected http(s), /data/..., "
                               f"{', '.join(s + '://' for s in CLOUD_SCHEMES)} or data:", reason="no_image")
 
-    def check_url(self, url: str) -> None:
-        """Gate for every outbound request (scheme now; an SSRF policy belongs here too)."""
-        if urlsplit(url).scheme.lower() not in ("http", "https"):
-            raise ImageFetchError(f"refusing to fetch {redact(url)}: only http and https", reason="blocked")
+    @staticmethod
+    def trusted(access: LabelStudioAccess) -> frozenset:
+        """(host, port) pairs allowed whatever they resolve to: Label Studio's own origin."""
+        if not access.url:
+            return frozenset()
+        _, host, port = origin(access.url)
+        return frozenset({(host, port)}) if host and port else frozenset()
+
+    def check_url(self, url: str, access: LabelStudioAccess | None = None) -> None:
+        """Gate for every outbound request hop: scheme, host and resolved addresses (backend/urlguard.py)."""
+        try:
+            self.guard.check_url(url, self.trusted(access or LabelStudioAccess("", "")))
+        except UnresolvableHostError as exc:
+            raise ImageFetchError(f"cannot connect to {redact(url)}: {exc}", reason="connection") from None
+        except BlockedURLError as exc:
+            raise ImageFetchError(f"refusing to fetch {redact(url)}: {exc}", reason="blocked") from None
 
     def get(self, url: str, access: LabelStudioAccess) -> bytes:
         """Download with the LS token on LS-origin hops only, within size, time and redirect limits."""
@@ -232,14 +270,15 @@ class ImageFetcher:
         refreshed = False
         hops = 0
         while True:
-            self.check_url(url)
+            self.check_url(url, access)
             on_ls = ls_origin is not None and origin(url) == ls_origin
-            headers = {"Accept": "image/*,*/*;q=0.8"}
+            # identity: images are compressed already, and it leaves no gzip bomb to inflate.
+            headers = {"Accept": "image/*,*/*;q=0.8", "Accept-Encoding": "identity"}
             if on_ls:
                 auth = self.credentials.header(access, self, deadline)
                 if auth:
                     headers["Authorization"] = auth
-            response = self._send("GET", url, deadline, headers=headers, stream=True)
+            response = self._send("GET", url, deadline, access, headers=headers, stream=True)
             try:
                 if response.status_code in REDIRECT_CODES and response.headers.get("Location"):
                     hops += 1
@@ -262,21 +301,28 @@ class ImageFetcher:
                                 " (set LABEL_STUDIO_API_KEY)")
                     raise ImageFetchError(f"HTTP {response.status_code} from {redact(url, keep_query=on_ls)}{hint}",
                                           reason=f"http_{response.status_code // 100}xx")
-                return self._read_body(response, url, deadline)
+                body = self._read_body(response, url, deadline)
+                _refuse_html(body, response.headers.get("Content-Type", ""), url)
+                return body
             finally:
                 response.close()
 
     # -- internals ---------------------------------------------------------------------
 
-    def _send(self, method: str, url: str, deadline: float, **kwargs) -> requests.Response:
+    def _send(self, method: str, url: str, deadline: float, access: LabelStudioAccess, **kwargs) -> requests.Response:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise ImageFetchError(f"timed out after {self.timeout:g} s fetching {redact(url)}", reason="timeout")
         try:
-            return self.session.request(
-                method, url, timeout=(min(10.0, remaining), remaining), allow_redirects=False,
-                # A no-op auth stops requests from adding ~/.netrc credentials for arbitrary hosts.
-                auth=_no_auth, **kwargs)
+            with self.guard.enforcing(self.trusted(access)):
+                return self.session.request(
+                    method, url, timeout=(min(10.0, remaining), remaining), allow_redirects=False,
+                    # A no-op auth stops requests from adding ~/.netrc credentials for arbitrary hosts.
+                    auth=_no_auth, **kwargs)
+        except UnresolvableHostError as exc:
+            raise ImageFetchError(f"cannot connect to {redact(url)}: {exc}", reason="connection") from None
+        except BlockedURLError as exc:  # raised by the connection: the name now resolves elsewhere
+            raise ImageFetchError(f"refusing to fetch {redact(url)}: {exc}", reason="blocked") from None
         except requests.Timeout:
             raise ImageFetchError(f"timed out fetching {redact(url)}", reason="timeout") from None
         except requests.ConnectionError as exc:
@@ -292,16 +338,27 @@ class ImageFetcher:
             raise ImageFetchError(f"image at {redact(url)} is {int(length)} bytes, over the "
                                   f"{self.settings.fetch_max_mb:g} MiB limit (GEM_FETCH_MAX_MB)", reason="too_large")
         buffer = io.BytesIO()
+        raw = response.raw
         try:
-            for chunk in response.iter_content(_CHUNK):
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise ImageFetchError(f"timed out after {self.timeout:g} s reading {redact(url)}",
+                                          reason="timeout")
+                # read1 returns what one receive brings, and the socket waits at most until the
+                # deadline: a server dripping bytes cannot stretch a download past GEM_FETCH_TIMEOUT.
+                _set_read_timeout(raw, remaining)
+                chunk = raw.read1(_CHUNK, decode_content=True)
+                if not chunk:
+                    break
                 buffer.write(chunk)
                 if buffer.tell() > self.max_bytes:
                     raise ImageFetchError(f"image at {redact(url)} exceeds the {self.settings.fetch_max_mb:g} MiB "
                                           "limit (GEM_FETCH_MAX_MB)", reason="too_large")
-                if time.monotonic() > deadline:
-                    raise ImageFetchError(f"timed out after {self.timeout:g} s reading {redact(url)}",
-                                          reason="timeout")
-        except requests.RequestException as exc:
+        except (urllib3.exceptions.ReadTimeoutError, TimeoutError):
+            raise ImageFetchError(f"timed out after {self.timeout:g} s reading {redact(url)}",
+                                  reason="timeout") from None
+        except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as exc:
             raise ImageFetchError(f"download of {redact(url)} broke off: {type(exc).__name__}",
                                   reason="connection") from None
         return buffer.getvalue()
@@ -310,8 +367,8 @@ class ImageFetcher:
         if not access.url:
             raise ImageFetchError("a personal access token needs LABEL_STUDIO_URL to be refreshed", reason="config")
         url = access.url + "/api/token/refresh/"
-        self.check_url(url)
-        response = self._send("POST", url, deadline, json={"refresh": access.token})
+        self.check_url(url, access)
+        response = self._send("POST", url, deadline, access, json={"refresh": access.token})
         try:
             if response.status_code != 200:
                 raise ImageFetchError(
@@ -346,15 +403,64 @@ def _no_auth(request):
     return request
 
 
-def decode_image(data: bytes) -> FetchedImage:
-    """Bytes -> RGB image in the orientation Label Studio shows (EXIF applied)."""
+def _set_read_timeout(raw, seconds: float) -> None:
+    sock = getattr(getattr(raw, "connection", None), "sock", None)
+    if sock is not None:
+        try:
+            sock.settimeout(max(0.01, seconds))
+        except OSError:
+            pass
+
+
+def _refuse_html(body: bytes, content_type: str, url: str) -> None:
+    """A login or error page answered with 200 is worth a clearer message than 'not an image'."""
+    if content_type.split(";", 1)[0].strip().lower() in ("text/html", "application/xhtml+xml") \
+            and body.lstrip()[:1] == b"<":
+        raise ImageFetchError(f"{redact(url)} answered with an HTML page, not an image (a login or error page?)",
+                              reason="decode")
+
+
+def decode_image(data: bytes, max_pixels: int | None = None) -> FetchedImage:
+    """Bytes -> RGB image in the orientation Label Studio shows (EXIF applied).
+
+    The pixel count is checked from the header before anything is decoded, so a small file that
+    claims a huge image (a decompression bomb) costs nothing. Animated images give their first
+    frame; 16-bit and float images are scaled to 8 bits the way a browser shows them.
+    """
+    if not data:
+        raise ImageFetchError("not a readable image (empty file)", reason="decode")
     try:
         with Image.open(io.BytesIO(data)) as opened:
+            width, height = opened.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise ImageFetchError(
+                    f"image is {width}x{height} = {width * height / 1e6:.3g} megapixels, over the "
+                    f"{max_pixels / 1e6:g} MP limit (GEM_MAX_IMAGE_MEGAPIXELS)", reason="too_large")
             opened.load()
             image = ImageOps.exif_transpose(opened)
-            image = image.convert("RGB")
+            image = _to_rgb(image)
     except Image.DecompressionBombError as exc:
         raise ImageFetchError(f"image too large to decode: {exc}", reason="too_large") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
         raise ImageFetchError(f"not a readable image ({type(exc).__name__})", reason="decode") from None
+    if image.width < 1 or image.height < 1:
+        raise ImageFetchError("image has no pixels", reason="decode")
     return FetchedImage(image=image, width=image.width, height=image.height)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Any mode -> 8-bit RGB. Pillow's own conversion clips 16-bit values at 255 (a white image)."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        if image.mode.startswith("I;16") or (image.mode == "I" and 255 < values.max() <= 65535):
+            values = values / 257.0                       # 0..65535 -> 0..255, as browsers show 16-bit
+        elif values.size and (values.min() < 0 or values.max() > 255):
+            lo, hi = float(values.min()), float(values.max())
+            values = (values - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(values)
+        elif image.mode == "F" and values.size and values.max() <= 1.0:
+            values = values * 255.0
+        gray = np.nan_to_num(values, nan=0.0).clip(0, 255).round().astype(np.uint8)
+        return Image.fromarray(gray, "L").convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")   # palette transparency: convert via RGBA, as Pillow advises
+    return image.convert("RGB")

@@ -93,7 +93,12 @@ def parse_label_config(config: str, outputs: tuple[str, ...] = OUTPUT_KINDS) -> 
     """Raise LabelConfigError when the config gives nothing to predict."""
     if not isinstance(config, str) or not config.strip():
         raise LabelConfigError(f"labeling config is empty; this backend predicts {SUPPORTED_TEXT}")
+    if len(config) > _CACHED_CONFIG_CHARS:   # the cache holds its keys: keep huge configs out of it
+        return _parse_cached.__wrapped__(config, tuple(outputs))
     return _parse_cached(config, tuple(outputs))
+
+
+_CACHED_CONFIG_CHARS = 256 * 1024
 
 
 @functools.lru_cache(maxsize=64)

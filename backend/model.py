@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from .encode import encode_regions
-from .images import FetchedImage, ImageFetcher, ImageFetchError, decode_image
+from .images import FetchedImage, ImageFetcher, ImageFetchError
 from .label_config import PredictionPlan, parse_label_config
 from .prompts import ControlPrompts, PromptMemory, plan_prompts, project_key
 from .settings import Settings
@@ -40,6 +40,24 @@ class ModelNotReady(Exception):
     def __init__(self, message: str, failed: bool):
         super().__init__(message)
         self.failed = failed
+
+
+class RequestLimitError(ValueError):
+    """The request asks for more than the configured limits allow (answered 422); says which limit."""
+
+
+def check_prompt_limits(prompts: Sequence[str], settings: Settings) -> None:
+    """Raise RequestLimitError when there are too many prompts or one is too long."""
+    if len(prompts) > settings.max_prompts:
+        raise RequestLimitError(
+            f"{len(prompts)} distinct prompts in this request, more than GEM_MAX_PROMPTS={settings.max_prompts} "
+            "(labels, their prompts attributes and free text together); use fewer labels or prompts, "
+            "or raise the limit")
+    longest = max(prompts, key=len, default="")
+    if len(longest) > settings.max_prompt_chars:
+        raise RequestLimitError(
+            f"a prompt of {len(longest)} characters is longer than GEM_MAX_PROMPT_CHARS="
+            f"{settings.max_prompt_chars} (CLIP reads only the first 77 tokens): {longest[:40]!r}...")
 
 
 class TaskError(Exception):
@@ -102,11 +120,17 @@ def compute_model_version(settings: Settings) -> str:
 class GemBackendModel:
     """One per process. The model loads once (`start_loading`); predictions serialise on it."""
 
+    MAX_REMEMBERED_SCHEMAS = 256   # /setup configs kept per process (bounded: /setup may be open)
+
     def __init__(self, settings: Settings, predictor: Any = None,
                  region_extractor: Callable[..., Any] | None = None, region_config: Any = None,
-                 fetcher: ImageFetcher | None = None, metrics: Any = None):
+                 fetcher: ImageFetcher | None = None, metrics: Any = None,
+                 on_load_error: Callable[[str], None] | None = None):
         self.settings = settings
         self.metrics = metrics
+        # Called with the message when loading fails; the production entry point exits there
+        # (backend/wsgi.py), the development server and tests keep reporting it on /health.
+        self.on_load_error = on_load_error
         self.fetcher = fetcher or ImageFetcher(settings)
         self.memory = PromptMemory(os.path.join(settings.model_dir, "prompts.json"))
         self.feedback_path = os.path.join(settings.model_dir, "feedback.jsonl")
@@ -117,7 +141,7 @@ class GemBackendModel:
         self._model_lock = threading.Lock()        # one forward pass at a time per process
         self._feedback_lock = threading.Lock()
         self._report_lock = threading.Lock()
-        self._schemas: dict[str, str] = {}         # project key -> labeling config from /setup
+        self._schemas: collections.OrderedDict[str, str] = collections.OrderedDict()  # project -> config
         self._ready = threading.Event()
         self._load_done = threading.Event()      # set on success and on failure
         self._load_started = False
@@ -164,7 +188,8 @@ class GemBackendModel:
                 model_name=s.model_name, pretrained=pretrained, device=s.device, gem_depth=s.gem_depth,
                 ss_attn_iter=s.ss_attn_iter, ss_attn_temp=s.ss_attn_temp, precision=s.precision,
                 model_config=s.model_config or None, cache_dir=s.weights_dir)
-            predictor = gem_model.HeatmapPredictor(model, image_size=s.image_size, resize_mode=s.resize_mode)
+            predictor = gem_model.HeatmapPredictor(model, image_size=s.image_size, resize_mode=s.resize_mode,
+                                                   cache_bytes=int(s.feature_cache_mb * 2**20))
             region_config = self._region_config or s.region_config()
             # One tiny pass moves first-request costs (CUDA context, kernels) into load time.
             from PIL import Image
@@ -176,7 +201,11 @@ class GemBackendModel:
             self.load_error = f"{type(exc).__name__}: {exc}"
             logger.error("model failed to load: %s", self.load_error,
                          exc_info=not _is_user_error(exc))
+            if self.metrics is not None:
+                self.metrics.model_ready.set(0)
             self._load_done.set()
+            if self.on_load_error is not None:
+                self.on_load_error(self.load_error)
             return
         self._predictor = predictor
         self._extract = self._extract or extract_regions
@@ -211,7 +240,11 @@ class GemBackendModel:
         """Remember what /setup sends; never loads the model (Label Studio waits only 3 s)."""
         key = project_key(project)
         if key and isinstance(schema, str) and schema.strip():
-            self._schemas[key] = schema
+            with self._report_lock:
+                self._schemas[key] = schema
+                self._schemas.move_to_end(key)
+                while len(self._schemas) > self.MAX_REMEMBERED_SCHEMAS:
+                    self._schemas.popitem(last=False)
         self.fetcher.remember_setup(key, hostname, access_token)
         return self.model_version
 
@@ -234,6 +267,8 @@ class GemBackendModel:
         self.wait_until_ready(self.settings.load_wait)
         remembered = self.memory.get(key) if self.settings.remember_prompts else ()
         prompt_plan = plan_prompts(plan, context, remembered)
+        check_prompt_limits(list(dict.fromkeys(p for c in prompt_plan.controls for lp in c.labels
+                                               for p in lp.prompts)), self.settings)
         if prompt_plan.interactive and self.settings.remember_prompts and key:
             typed = tuple(dict.fromkeys(p for prompts in prompt_plan.free_text.values() for p in prompts))
             self.memory.set(key, typed)
@@ -318,7 +353,7 @@ class GemBackendModel:
                 raw = self.fetcher.download(url, task_id=_task_id(task), project_key=key)
                 self._time(report, "fetch", time.perf_counter() - started)
                 started = time.perf_counter()
-                images[spec.name] = decode_image(raw)
+                images[spec.name] = self.fetcher.decode(raw)
                 self._time(report, "preprocess", time.perf_counter() - started)
             except ImageFetchError as exc:
                 raise TaskError(f"image '{spec.name}': {exc}", reason=exc.reason) from None

@@ -6,6 +6,7 @@ model; the model loads in a background thread as soon as the app is created.
 """
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import logging
@@ -20,7 +21,8 @@ from werkzeug.exceptions import HTTPException
 
 from .label_config import LabelConfigError, parse_label_config
 from .metrics import BackendMetrics
-from .model import ANNOTATION_EVENTS, TRAINING_EVENTS, GemBackendModel, ModelNotReady
+from .model import (ANNOTATION_EVENTS, TRAINING_EVENTS, GemBackendModel, ModelNotReady, RequestLimitError,
+                    check_prompt_limits)
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -28,8 +30,11 @@ request_log = logging.getLogger("backend.requests")
 
 # Open even when basic auth is on: liveness probes call /health without credentials, and Label
 # Studio sends annotation webhooks without the backend's basic auth (START_TRAINING has it).
-# Neither exposes data or runs the model; /webhook only appends to the feedback log.
+# Neither exposes data or runs the model; /webhook only appends to the feedback log, and takes
+# GEM_WEBHOOK_SECRET when that is set.
 OPEN_ENDPOINTS = frozenset({"health", "index", "webhook"})
+WEBHOOK_SECRET_HEADER = "X-Webhook-Secret"
+WEBHOOK_SECRET_PARAM = "secret"
 _LOGGED_TASK_IDS = 50
 
 
@@ -39,23 +44,62 @@ class ApiError(Exception):
         self.status, self.message, self.extra = status, message, extra
 
 
-def configure_logging(level: str) -> None:
-    """Plain lines on stderr; per-request lines are JSON so they can be parsed."""
+_SECRET_PATTERNS = (
+    # Authorization header values: "Basic dTpw", "Bearer <jwt>", "Token <legacy token>"
+    (re.compile(r"\b(Basic|Bearer|Token)(\s+)[A-Za-z0-9._~+/=-]{12,}"), r"\1\2<redacted>"),
+    # JWTs anywhere (personal access tokens and their access tokens)
+    (re.compile(r"\beyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]+"), "<redacted-jwt>"),
+    # credentials in URLs: scheme://user:password@host
+    (re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s:]*:[^/@\s]*@"), r"\1<redacted>@"),
+    # signed or secret query parameters (X-Amz-Signature, sig, token, secret, key, credential, ...)
+    (re.compile(r"([?&][^=&\s\"']*(?:sig|token|secret|key|credential|password|auth)[^=&\s\"']*=)[^&\s\"'#]+",
+                re.IGNORECASE), r"\1<redacted>"),
+)
+
+
+def redact_text(text: str, secrets: tuple[str, ...] = ()) -> str:
+    """`text` with known secrets and secret-shaped substrings replaced by <redacted>."""
+    for secret in secrets:
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, "<redacted>")
+    for pattern, replacement in _SECRET_PATTERNS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+class RedactingFormatter(logging.Formatter):
+    """A safety net over the whole formatted line, traceback included: the code never logs a
+    token, password or signed query on purpose, and this catches what a library might."""
+
+    def __init__(self, fmt: str, secrets: tuple[str, ...] = ()):
+        super().__init__(fmt)
+        self.secrets = tuple(s for s in secrets if s)
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact_text(super().format(record), self.secrets)
+
+
+def configure_logging(level: str, secrets: tuple[str, ...] = ()) -> None:
+    """Plain lines on stderr; per-request lines are JSON so they can be parsed. `secrets` (the
+    configured tokens and passwords) are masked in every line, as are secret-shaped strings."""
     root = logging.getLogger()
     if not root.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        root.addHandler(handler)
+        root.addHandler(logging.StreamHandler())
+    for handler in root.handlers:
+        if handler.formatter is None or isinstance(handler.formatter, RedactingFormatter):
+            handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s", secrets))
     root.setLevel(level)
     # urllib3 logs full URLs at DEBUG, presigned query strings included.
     logging.getLogger("urllib3").setLevel(max(logging.INFO, logging.getLevelName(level)))
 
 
-def create_app(settings: Settings, model: GemBackendModel | None = None, load: bool = True) -> Flask:
-    """App with its own model and metrics. `load=False` leaves loading to the caller (tests)."""
+def create_app(settings: Settings, model: GemBackendModel | None = None, load: bool = True,
+               on_load_error=None) -> Flask:
+    """App with its own model and metrics. `load=False` leaves loading to the caller (tests);
+    `on_load_error(message)` is called if the model fails to load (backend/wsgi.py exits there)."""
     metrics = BackendMetrics()
     if model is None:
-        model = GemBackendModel(settings, metrics=metrics)
+        model = GemBackendModel(settings, metrics=metrics, on_load_error=on_load_error)
     elif model.metrics is None:
         model.metrics = metrics
         if model.ready:
@@ -77,6 +121,9 @@ def create_app(settings: Settings, model: GemBackendModel | None = None, load: b
             response = _error_response(401, "basic auth required")
             response.headers["WWW-Authenticate"] = 'Basic realm="gem-backend", charset="UTF-8"'
             return response
+        if request.endpoint == "webhook" and settings.webhook_secret and not _webhook_authorized(settings):
+            return _error_response(401, f"webhook secret required: add ?{WEBHOOK_SECRET_PARAM}=<GEM_WEBHOOK_SECRET> "
+                                        f"to the webhook URL or send the {WEBHOOK_SECRET_HEADER} header")
         return None
 
     @app.after_request
@@ -126,7 +173,11 @@ def create_app(settings: Settings, model: GemBackendModel | None = None, load: b
         body = {"status": "UP", "model_class": type(model).__name__, "model_ready": model.ready,
                 "model_version": model.model_version}
         if model.load_error:
-            body["model_error"] = model.load_error
+            # The model will not come: say so with a status probes and Label Studio act on.
+            body.update(status="ERROR", model_error=model.load_error, error=f"model failed to load: {model.load_error}")
+            response = jsonify(body)
+            response.status_code = 503
+            return response
         return jsonify(body)
 
     @app.post("/setup")
@@ -143,8 +194,10 @@ def create_app(settings: Settings, model: GemBackendModel | None = None, load: b
         if schema:
             # Connecting must succeed even before the project has a fitting config; say what is wrong.
             try:
-                parse_label_config(schema, settings.outputs)
-            except LabelConfigError as exc:
+                plan = parse_label_config(schema, settings.outputs)
+                check_prompt_limits(list(dict.fromkeys(p for c in plan.controls for label in c.labels
+                                                       for p in label.prompts)), settings)
+            except (LabelConfigError, RequestLimitError) as exc:
                 answer["warning"] = str(exc)
                 g.log["warning"] = str(exc)
         return jsonify(answer)
@@ -173,7 +226,7 @@ def create_app(settings: Settings, model: GemBackendModel | None = None, load: b
         try:
             predictions, report = model.predict_with_report(tasks, context, label_config=label_config,
                                                             project=project)
-        except LabelConfigError as exc:
+        except (LabelConfigError, RequestLimitError) as exc:
             raise ApiError(422, str(exc)) from None
         except ModelNotReady as exc:
             raise ApiError(503, str(exc), model_ready=False) from None
@@ -226,14 +279,32 @@ def _authorized(settings: Settings) -> bool:
     auth = request.authorization
     if auth is None or auth.type != "basic":
         return False
-    # Compare both fields every time so timing does not reveal which one was wrong.
-    user_ok = hmac.compare_digest((auth.username or "").encode(), settings.basic_auth_user.encode())
-    pass_ok = hmac.compare_digest((auth.password or "").encode(), settings.basic_auth_pass.encode())
+    # Compare both fields every time so timing does not reveal which one was wrong, and compare
+    # digests so it does not reveal their lengths either.
+    user_ok = _same(auth.username or "", settings.basic_auth_user)
+    pass_ok = _same(auth.password or "", settings.basic_auth_pass)
     return user_ok & pass_ok
 
 
+def _webhook_authorized(settings: Settings) -> bool:
+    given = request.headers.get(WEBHOOK_SECRET_HEADER) or request.args.get(WEBHOOK_SECRET_PARAM) or ""
+    if _same(given, settings.webhook_secret):
+        return True
+    # START_TRAINING arrives with the backend's basic auth: that is enough as well.
+    return settings.basic_auth_enabled and _authorized(settings)
+
+
+def _same(given: str, expected: str) -> bool:
+    """Constant-time equality of two strings (digests first: equal length, any input)."""
+    return hmac.compare_digest(hashlib.sha256(given.encode("utf-8", "surrogateescape")).digest(),
+                               hashlib.sha256(expected.encode("utf-8", "surrogateescape")).digest())
+
+
 def _json_object() -> dict:
-    body = request.get_json(force=True, silent=True)
+    try:
+        body = request.get_json(force=True, silent=True)
+    except RecursionError:   # absurdly nested JSON: json.loads gives up with RecursionError, not ValueError
+        raise ApiError(400, "request body is nested too deeply to be a Label Studio request") from None
     if body is None:
         raise ApiError(400, "request body must be a JSON object (Content-Type: application/json)")
     if not isinstance(body, dict):

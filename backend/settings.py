@@ -8,6 +8,7 @@ defaults stay the single source of truth.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import sys
@@ -98,6 +99,26 @@ def _device(raw: str) -> str:
     raise ValueError("expected auto, cpu, cuda, cuda:N or mps")
 
 
+def _hosts(raw: str) -> tuple[str, ...]:
+    """Comma/space list of hostnames (`*.example.com` for subdomains), IP addresses and CIDR ranges."""
+    import ipaddress
+    entries = []
+    for part in re.split(r"[,\s]+", raw.strip()):
+        if not part:
+            continue
+        entry = part.lower().strip("[]")
+        try:
+            entries.append(str(ipaddress.ip_network(entry, strict=False)))
+            continue
+        except ValueError:
+            pass
+        name = entry[2:] if entry.startswith("*.") else entry
+        if not re.fullmatch(r"[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*\.?", name):
+            raise ValueError(f"{part!r} is neither a hostname, an IP address nor a CIDR range")
+        entries.append(entry.rstrip("."))
+    return tuple(dict.fromkeys(entries))
+
+
 def _url(raw: str) -> str:
     value = raw.strip().rstrip("/")
     if value and not re.match(r"^https?://[^/\s]+", value):
@@ -145,6 +166,10 @@ class Settings:
                                       parse=_float(minimum=0.0, optional=True), group="Model")
     batch_size: int = knob("GEM_BATCH_SIZE", 8, "images encoded per model call", unit="images",
                            parse=_int(1, 1024), group="Model")
+    feature_cache_mb: float = knob("GEM_FEATURE_CACHE_MB", 256.0,
+                                   "memory for image features kept for reuse (LRU): a repeated image or a "
+                                   "new prompt on the same image skips the image encoder; 0 = no cache",
+                                   unit="MiB", parse=_float(minimum=0.0), group="Model")
 
     # Prediction
     outputs: tuple[str, ...] = knob("GEM_OUTPUTS", OUTPUT_KINDS,
@@ -159,6 +184,15 @@ class Settings:
                              "`empty` = an empty prediction (`result: []`, score 0), which Label Studio stores and "
                              "does not redo for this model version", parse=_choice(("skip", "empty")),
                              group="Prediction")
+    max_prompts: int = knob("GEM_MAX_PROMPTS", 128,
+                            "most distinct text prompts one request may predict (label values, `prompts` "
+                            "attributes and free text together); more is answered 422. Memory grows with "
+                            "prompts x image pixels (4 bytes each)", unit="prompts", parse=_int(1, 100000),
+                            group="Prediction")
+    max_prompt_chars: int = knob("GEM_MAX_PROMPT_CHARS", 1000,
+                                 "longest text prompt accepted, longer is answered 422 (CLIP reads at most 77 "
+                                 "tokens, about 300 characters of English; the rest of a long prompt is ignored)",
+                                 unit="characters", parse=_int(1, 1000000), group="Prediction")
     load_wait: float = knob("GEM_LOAD_WAIT", 30.0,
                             "how long /predict waits for a model that is still loading before answering 503",
                             unit="s", parse=_float(minimum=0.0), group="Prediction")
@@ -170,6 +204,16 @@ class Settings:
                                parse=_float(minimum=0.001), group="Images")
     fetch_max_redirects: int = knob("GEM_FETCH_MAX_REDIRECTS", 5, "redirects followed per image",
                                     parse=_int(0, 30), group="Images")
+    allowed_hosts: tuple[str, ...] = knob(
+        "GEM_ALLOWED_HOSTS", (),
+        "hosts images may come from although they are not public: comma list of hostnames "
+        "(`*.corp.example` for subdomains), IP addresses and CIDR ranges, e.g. `127.0.0.1` for a local "
+        "image server or `10.0.0.0/8`. Label Studio's own host and port are always allowed, cloud "
+        "metadata addresses never; see docs/BACKEND.md, Outbound requests", parse=_hosts, group="Images")
+    max_image_megapixels: float = knob("GEM_MAX_IMAGE_MEGAPIXELS", 50.0,
+                                       "largest image accepted (width x height), checked in the file header "
+                                       "before decoding; Pillow itself refuses more than about 178", unit="MP",
+                                       parse=_float(minimum=0.000001), group="Images")
     fetch_workers: int = knob("GEM_FETCH_WORKERS", 4, "parallel image downloads per request",
                               parse=_int(1, 64), group="Images")
 
@@ -203,6 +247,10 @@ class Settings:
     basic_auth_user: str = knob("BASIC_AUTH_USER", "", "basic auth user; set with BASIC_AUTH_PASS to require it",
                                 group="Server")
     basic_auth_pass: str = knob("BASIC_AUTH_PASS", "", "basic auth password", group="Server", secret=True)
+    webhook_secret: str = knob("GEM_WEBHOOK_SECRET", "",
+                               "when set, /webhook requires it, as `?secret=...` in the webhook URL or an "
+                               "`X-Webhook-Secret` header (Label Studio sends annotation webhooks without "
+                               "basic auth); empty = /webhook is open", group="Server", secret=True)
 
     # Region post-processing overrides, as (RegionConfig field, value) pairs; empty = its defaults.
     region_overrides: tuple[tuple[str, Any], ...] = ()
@@ -274,6 +322,83 @@ class Settings:
         for name, value in self.region_overrides:
             out[f"GEM_{name.upper()}"] = value
         return out
+
+
+_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz", ".npy")
+
+
+def check_model_files(settings: Settings) -> None:
+    """Cheap start-up checks of the files the settings name, before anything is served.
+
+    Loading the weights takes seconds to minutes and happens in the background; a missing,
+    unreadable, empty or obviously broken file is reported here at once instead, by variable.
+    A file that passes and still fails to load is reported by the loader (/health, and in
+    gunicorn a non-zero exit: backend/wsgi.py).
+    """
+    errors = []
+    if settings.model_config:
+        problem = _file_problem(settings.model_config)
+        if problem is None:
+            try:
+                with open(settings.model_config, encoding="utf-8") as handle:
+                    if not isinstance(json.load(handle), dict):
+                        problem = "is not a JSON object"
+            except (ValueError, UnicodeDecodeError) as exc:
+                problem = f"is not valid JSON ({exc})"
+        if problem:
+            errors.append(f"GEM_MODEL_CONFIG={settings.model_config!r}: {problem}")
+    pretrained = settings.pretrained
+    if _looks_like_path(pretrained):
+        problem = _file_problem(pretrained) or _checkpoint_problem(pretrained)
+        if problem:
+            errors.append(f"GEM_PRETRAINED={pretrained!r}: {problem}")
+    if errors:
+        raise SettingsError("unusable model files:\n  " + "\n  ".join(errors))
+
+
+def _looks_like_path(value: str) -> bool:
+    return bool(value) and value.lower() != "none" and (
+        "/" in value or os.sep in value or value.startswith(".") or os.path.exists(value)
+        or value.lower().endswith(_CHECKPOINT_SUFFIXES))
+
+
+def _file_problem(path: str) -> str | None:
+    if not os.path.exists(path):
+        return "no such file"
+    if not os.path.isfile(path):
+        return "is not a file"
+    if not os.access(path, os.R_OK):
+        return "is not readable by this user"
+    if os.path.getsize(path) == 0:
+        return "is empty"
+    return None
+
+
+def _checkpoint_problem(path: str) -> str | None:
+    """Recognise the formats open_clip loads by their first bytes; zip archives must be whole."""
+    import struct
+    import zipfile
+    size = os.path.getsize(path)
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        if head.startswith(b"PK"):                   # torch.save (>= 1.6), TorchScript, .npz
+            return None if zipfile.is_zipfile(path) else "is a truncated or damaged zip archive (torch checkpoint)"
+        if head[:1] == b"\x80" or head.startswith(b"\x93NUMPY"):   # legacy torch pickle, .npy
+            return None
+        if len(head) == 8:                            # safetensors: u64 header length + JSON header
+            length = struct.unpack("<Q", head)[0]
+            if 2 <= length <= size - 8:
+                first = handle.read(1)
+                if first == b"{":
+                    return None
+    return f"is not a PyTorch, safetensors or numpy checkpoint (it starts with {head[:8]!r})"
+
+
+def startup_error(exc: SettingsError) -> str:
+    """One line for a failed start: 'gem-backend: cannot start: A; B'."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    head, rest = (lines[0].rstrip(":"), lines[1:]) if lines else ("invalid settings", [])
+    return f"gem-backend: cannot start: {head}: {'; '.join(rest)}" if rest else f"gem-backend: cannot start: {head}"
 
 
 def _knob_fields() -> list[dataclasses.Field]:
@@ -352,7 +477,7 @@ def region_knobs() -> list[RegionKnob]:
 
 
 def _fmt_default(value: Any) -> str:
-    if value is None or value == "":
+    if value is None or value == "" or value == ():
         return "(empty)"
     if isinstance(value, bool):
         return "true" if value else "false"

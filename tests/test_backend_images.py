@@ -34,7 +34,9 @@ def other():
 
 
 def fetcher_for(ls_url: str = "", token: str = "", **env) -> ImageFetcher:
-    environ = {"LABEL_STUDIO_URL": ls_url, "LABEL_STUDIO_API_KEY": token, **env}
+    # The "other host" servers listen on loopback, which the SSRF guard refuses unless allowed
+    # (backend/urlguard.py; tests/test_hardening_urls.py tests the guard itself).
+    environ = {"LABEL_STUDIO_URL": ls_url, "LABEL_STUDIO_API_KEY": token, "GEM_ALLOWED_HOSTS": "127.0.0.1,::1", **env}
     return ImageFetcher(Settings.from_env(environ))
 
 

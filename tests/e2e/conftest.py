@@ -41,6 +41,9 @@ TINY_MODEL_ENV = {
     "GEM_DEVICE": "cpu",
     "GEM_IMAGE_SIZE": "64",
     "GEM_MIN_SIMILARITY": "0",
+    # The local web server that serves http-URL tasks is on loopback, which the SSRF guard
+    # refuses unless allow-listed (Label Studio's own host is allowed automatically).
+    "GEM_ALLOWED_HOSTS": "127.0.0.1",
     "OMP_NUM_THREADS": "1",
     "MKL_NUM_THREADS": "1",
     "LOG_LEVEL": "INFO",
