@@ -17,3 +17,33 @@ def tiny_model_files(tmp_path_factory):
     directory = tmp_path_factory.mktemp("tiny_model")
     config_path, checkpoint_path = write_tiny_model(directory)
     return TINY_MODEL_NAME, config_path, checkpoint_path
+
+
+@pytest.fixture
+def ls():
+    """A local HTTP server playing Label Studio (backend_fixtures.LocalServer)."""
+    from backend_fixtures import LocalServer
+
+    server = LocalServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def other():
+    """A second local HTTP server: a host that is not Label Studio."""
+    from backend_fixtures import LocalServer
+
+    server = LocalServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def loopback_only_guard():
+    """Fail the test if it tries to connect anywhere but loopback."""
+    from bad_inputs import loopback_only
+
+    with loopback_only() as attempts:
+        yield
+    assert not attempts

@@ -14,23 +14,9 @@ import pytest
 
 from backend.images import ImageFetcher, ImageFetchError, decode_image, jwt_claims, origin
 from backend.settings import Settings
-from backend_fixtures import LocalServer, data_uri, make_jwt, square_image
+from backend_fixtures import data_uri, make_jwt, square_image
 
 PNG = square_image()
-
-
-@pytest.fixture
-def ls():
-    server = LocalServer()
-    yield server
-    server.close()
-
-
-@pytest.fixture
-def other():
-    server = LocalServer()
-    yield server
-    server.close()
 
 
 def fetcher_for(ls_url: str = "", token: str = "", **env) -> ImageFetcher:

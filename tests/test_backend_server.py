@@ -21,7 +21,7 @@ from backend.model import GemBackendModel, compute_model_version
 from backend.server import create_app
 from backend.settings import Settings
 from backend_fixtures import (BRUSH_CONFIG, MIXED_CONFIG, POLYGON_CONFIG, RECTANGLE_CONFIG, FakePredictor,
-                              LocalServer, data_uri, fake_extract_regions, square_image)
+                              data_uri, fake_extract_regions, square_image)
 
 PNG = square_image()                     # 40x30, white box x 10..20, y 5..15
 BOX_MASK = np.zeros((30, 40), bool)
@@ -58,13 +58,6 @@ def labelled(result, label="Bright"):
 
 def textarea(*texts):
     return {"result": [{"type": "textarea", "from_name": "prompt", "to_name": "image", "value": {"text": list(texts)}}]}
-
-
-@pytest.fixture
-def ls():
-    server = LocalServer()
-    yield server
-    server.close()
 
 
 # -- predictions ------------------------------------------------------------------------------

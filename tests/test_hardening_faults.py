@@ -22,7 +22,7 @@ import bad_inputs as bad
 from backend.model import GemBackendModel
 from backend.server import create_app
 from backend.settings import Settings
-from backend_fixtures import BRUSH_CONFIG, FakePredictor, LocalServer, data_uri, fake_extract_regions, make_jwt
+from backend_fixtures import BRUSH_CONFIG, FakePredictor, data_uri, fake_extract_regions, make_jwt
 from bench.load_test import GunicornServer, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,13 +44,6 @@ def predict(client, tasks, **kwargs):
 
 def good_and(url):
     return [{"id": 1, "data": {"image": data_uri(PNG)}}, {"id": 2, "data": {"image": url}}]
-
-
-@pytest.fixture
-def ls():
-    server = LocalServer()
-    yield server
-    server.close()
 
 
 # -- Label Studio misbehaving while images are fetched ------------------------------------------------

@@ -27,11 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PNG = bad.png_rgb()
 
 
-@pytest.fixture(autouse=True)
-def _loopback_only():
-    with bad.loopback_only() as attempts:
-        yield
-    assert not attempts
+pytestmark = pytest.mark.usefixtures("loopback_only_guard")
 
 
 def make_client(tmp_path, **env):

@@ -19,16 +19,12 @@ from backend.model import GemBackendModel
 from backend.server import RedactingFormatter, configure_logging, create_app, redact_text
 from backend.settings import Settings
 from backend_fixtures import BRUSH_CONFIG, FakePredictor, LocalServer, fake_extract_regions, make_jwt, square_image
-from bad_inputs import MisbehavingServer, loopback_only
+from bad_inputs import MisbehavingServer
 
 PNG = square_image()
 
 
-@pytest.fixture(autouse=True)
-def _loopback_only():
-    with loopback_only() as attempts:
-        yield
-    assert not attempts
+pytestmark = pytest.mark.usefixtures("loopback_only_guard")
 
 
 @pytest.fixture

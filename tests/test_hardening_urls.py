@@ -15,31 +15,13 @@ from backend.images import ImageFetcher, ImageFetchError
 from backend.settings import Settings, SettingsError
 from backend.urlguard import (BlockedURLError, GuardedAdapter, HostPolicy, UrlGuard, address_problem,
                               embedded_ipv4)
-from backend_fixtures import LocalServer, square_image
-from bad_inputs import fake_dns, loopback_only
+from backend_fixtures import square_image
+from bad_inputs import fake_dns
 
 PNG = square_image()
 
 
-@pytest.fixture(autouse=True)
-def _loopback_only():
-    with loopback_only() as attempts:
-        yield
-    assert not attempts
-
-
-@pytest.fixture
-def ls():
-    server = LocalServer()
-    yield server
-    server.close()
-
-
-@pytest.fixture
-def other():
-    server = LocalServer()
-    yield server
-    server.close()
+pytestmark = pytest.mark.usefixtures("loopback_only_guard")
 
 
 def port_of(server) -> int:
