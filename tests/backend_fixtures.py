@@ -190,7 +190,25 @@ class Seen:
     body: bytes = b""
 
 
-class LocalServer:
+class ThreadedServer:
+    """Base of the test servers: a threaded HTTP server on a free 127.0.0.1 port."""
+
+    def _start(self, handler: type) -> None:
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+class LocalServer(ThreadedServer):
     """A threaded HTTP server on 127.0.0.1 whose routes are plain functions.
 
     A route takes (Seen) and returns (status, headers, body). Every request is recorded in
@@ -222,14 +240,7 @@ class LocalServer:
             def log_message(self, *args):  # keep test output quiet
                 pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self._start(Handler)
 
     def image(self, path: str, data: bytes, content_type: str = "image/png", require: str | None = None):
         """Serve `data` at `path`; with `require`, only to requests whose Authorization equals it."""
@@ -245,6 +256,3 @@ class LocalServer:
     def auth_headers(self) -> list[str | None]:
         return [s.headers.get("Authorization") for s in self.seen]
 
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()

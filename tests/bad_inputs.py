@@ -12,13 +12,14 @@ import io
 import ipaddress
 import socket
 import struct
-import threading
 import time
 import zlib
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import numpy as np
 from PIL import Image
+
+from backend_fixtures import ThreadedServer
 
 # ---------------------------------------------------------------------------------------
 # Network safety net
@@ -88,7 +89,7 @@ def fake_dns(monkeypatch, table: dict[str, list[str] | callable]):
 # Servers that misbehave, boundedly
 
 
-class MisbehavingServer:
+class MisbehavingServer(ThreadedServer):
     """127.0.0.1 HTTP server with a few bad habits, each bounded in time:
 
     /sleep/<s>     waits s seconds (at most 10) before answering
@@ -137,18 +138,7 @@ class MisbehavingServer:
             def log_message(self, *args):
                 pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self._start(Handler)
 
 
 def closed_port() -> int:
