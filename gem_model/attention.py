@@ -8,13 +8,18 @@ tokens z in {q, k, v} of one head, n(z) = z / ||z||_2 over the head dimension, t
     ensemble over the three paths (Eq. 6):            o = (o_q + o_k + o_v) / 3
     adaptive temperature (Sec. 3.3):                  t = mean_n ||y_n||_2 * d^-1/2
 
-All attention products go through `scaled_dot_product_attention`, which picks a fused kernel
-when torch has one for the device and dtype. The temperature is folded into the query
-(softmax((t a) b^T) == softmax(t a b^T)) so that one call can carry a different t per image.
+Layout, chosen so that nothing is copied that need not be (see docs/PERFORMANCE.md): the block's
+in-projection gives [B, N, 3*H*d] = q | k | v, which *is* a [B, N, 3H, d] tensor. Read that way
+the three paths are just 3H heads of one attention, so each attention product of Eqs. 4-5 is a
+single `scaled_dot_product_attention` call over all three paths (and, in the final product, the
+block's original softmax(q k^T / sqrt(d)) v as H more heads: it has the same values v). SDPA picks
+a fused kernel (flash on CPU and CUDA) that never materialises the N x N attention matrix.
+The temperature is folded into the query (softmax((t a) b^T) == softmax(t a b^T)) so that one
+call can carry a different t per image.
 """
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -46,42 +51,58 @@ def _temperature_tensor(temperature: Union[float, torch.Tensor], batch: int,
     return t
 
 
-def self_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                        temperature: Union[float, torch.Tensor], iterations: int = 1) -> torch.Tensor:
-    """GEM's q-q, k-k and v-v attention, averaged (Eqs. 4-6).
+def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+           scale: Optional[float] = None) -> torch.Tensor:
+    """softmax(scale * query key^T) value per head, tokens-major layout in and out.
 
-    q, k, v: [B, H, N, d] per-head projections of the block input.
+    query, key, value: [B, N, heads, d] (any strides with a contiguous last dim: the transposes
+    below are views, and the fused kernels read strided inputs). Returns [B, N, heads, d]; with
+    the CPU and CUDA flash kernels that result is contiguous, so merging heads is free.
+    """
+    out = F.scaled_dot_product_attention(query.transpose(1, 2), key.transpose(1, 2),
+                                         value.transpose(1, 2), scale=scale)
+    return out.transpose(1, 2)
+
+
+def multi_head_attention(qkv: torch.Tensor, heads: int) -> torch.Tensor:
+    """A ViT block's own attention, softmax(q k^T / sqrt(d)) v, from its in-projection output.
+
+    qkv: [B, N, 3*H*d] (q | k | v). Returns [B, N, H*d], heads merged (before out_proj).
+    """
+    b, n, _ = qkv.shape
+    q, k, v = qkv.reshape(b, n, 3, heads, -1).unbind(2)                     # [B, N, H, d] views
+    return attend(q, k, v).reshape(b, n, -1)
+
+
+def self_self_attention(qkv: torch.Tensor, heads: int, temperature: Union[float, torch.Tensor],
+                        iterations: int = 1, original: bool = False
+                        ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """GEM's q-q, k-k and v-v attention, averaged (Eqs. 4-6), from a block's in-projection output.
+
+    qkv: [B, N, 3*H*d] (q | k | v, as nn.MultiheadAttention's in_proj lays them out).
     temperature: a float or a [B] tensor (one value per image).
-    Returns o: [B, H, N, d].
+    original: also return the block's own attention output (shares the final product's values).
+    Returns (o [B, N, H*d], original attention [B, N, H*d] or None), heads merged.
     """
     if iterations < 0:
         raise ValueError(f"iterations must be >= 0, got {iterations}")
-    batch = q.shape[0]
-    t = _temperature_tensor(temperature, batch, q).view(1, batch, 1, 1, 1)
-    # The three paths are independent and share shapes: stack them and run each attention
-    # product once for all three, [3, B, H, N, d].
-    z = torch.stack((q, k, v))
-    for _ in range(iterations):
+    b, n, width3 = qkv.shape
+    d = width3 // (3 * heads)
+    t = _temperature_tensor(temperature, b, qkv).view(b, 1, 1, 1)
+    z = qkv.reshape(b, n, 3 * heads, d)       # the q, k and v paths as 3H heads, a view
+    q, k, v = z.split(heads, dim=2)           # [B, N, H, d] views
+
+    for _ in range(iterations):               # Eq. 4
         zn = l2_normalize(z)
-        z = _normalized_attention(zn, t, zn)
-    out = _normalized_attention(l2_normalize(z), t, v.unsqueeze(0).expand_as(z))
-    return out.mean(dim=0)
-
-
-def _normalized_attention(zn: torch.Tensor, t: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """softmax(t * zn zn^T) values, for zn, values [3, B, H, N, d] and t [1, B, 1, 1, 1]."""
-    out = F.scaled_dot_product_attention(
-        (zn * t).flatten(0, 1), zn.flatten(0, 1), values.flatten(0, 1), scale=1.0)
-    return out.view_as(values)
-
-
-def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """[B, N, H*d] -> [B, H, N, d]"""
-    b, n, c = x.shape
-    return x.view(b, n, heads, c // heads).transpose(1, 2)
-
-
-def merge_heads(x: torch.Tensor) -> torch.Tensor:
-    """[B, H, N, d] -> [B, N, H*d]"""
-    b, h, n, d = x.shape
-    return x.transpose(1, 2).reshape(b, n, h * d)
+        z = attend(zn * t, zn, zn, scale=1.0)
+    zn = l2_normalize(z)
+    query, key, paths = zn * t, zn, 3
+    if original:
+        # The block's softmax(q k^T / sqrt(d)) v has the same values: H more heads of this call.
+        query = torch.cat((query, q * d ** -0.5), dim=2)
+        key = torch.cat((key, k), dim=2)
+        paths = 4
+    values = v.repeat(1, 1, paths, 1)                                        # [B, N, paths*H, d]
+    out = attend(query, key, values, scale=1.0).unflatten(2, (paths, heads))  # Eq. 5, [B, N, paths, H, d]
+    gem = out[:, :, :3].mean(dim=2).flatten(2)                                # Eq. 6, [B, N, H*d]
+    return gem, (out[:, :, 3].flatten(2) if original else None)

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import adaptive_temperature, merge_heads, self_self_attention, split_heads
+from .attention import adaptive_temperature, multi_head_attention, self_self_attention
 from .errors import InvalidInputError, UnsupportedModelError
 
 
@@ -57,6 +57,14 @@ class ImageFeatures:
         return total
 
 
+# On CPU a batch runs in slices of at most this many tokens (two 448x448 images). Larger slices
+# do not make the matrix products faster (785 tokens already fill them), but their activations
+# outgrow glibc's 32 MiB mmap threshold and are page-faulted afresh by every op: ViT-B/16 at 448,
+# batch 8 in one pass took 2-10% longer per image and 2.7x the peak memory (746 vs 274 MiB;
+# docs/PERFORMANCE.md, "Batching").
+CPU_TOKENS_PER_PASS = 2048
+
+
 def _check_block(block: nn.Module, index: int) -> None:
     attn = getattr(block, "attn", None)
     if not (isinstance(attn, nn.MultiheadAttention) and attn._qkv_same_embed_dim
@@ -64,6 +72,41 @@ def _check_block(block: nn.Module, index: int) -> None:
         raise UnsupportedModelError(
             f"block {index} of the image tower is a {type(block).__name__}; GEM needs open_clip's "
             f"ResidualAttentionBlock with nn.MultiheadAttention (standard CLIP ViTs)")
+
+
+def _is_standard_block(block: nn.Module) -> bool:
+    """open_clip's ResidualAttentionBlock with plain self-attention (what `_block_forward` computes)."""
+    attn = getattr(block, "attn", None)
+    return (isinstance(attn, nn.MultiheadAttention) and attn._qkv_same_embed_dim
+            and attn.bias_k is None and not attn.add_zero_attn
+            and all(hasattr(block, n) for n in ("ln_1", "ln_2", "mlp", "ls_1", "ls_2")))
+
+
+def _block_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """open_clip ResidualAttentionBlock.forward for batch-first self-attention, x [B, N, C].
+
+    The same sums as nn.MultiheadAttention, but its inference fast path computes the attention
+    with explicit matmuls; SDPA's fused kernel is faster on CPU and GPU (docs/PERFORMANCE.md).
+    """
+    attn: nn.MultiheadAttention = block.attn
+    qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)    # [B, N, 3C]
+    x = x + block.ls_1(attn.out_proj(multi_head_attention(qkv, attn.num_heads)))
+    return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+
+def _causal_argmax_text_tower(clip: nn.Module) -> bool:
+    """True for open_clip's CLIP with a causal text mask and EOT (argmax) pooling: the towers whose
+    text embedding ignores every token after the end-of-text token."""
+    from open_clip.model import CLIP
+
+    mask = getattr(clip, "attn_mask", None)
+    pos = getattr(clip, "positional_embedding", None)
+    if not (isinstance(clip, CLIP) and getattr(clip, "text_pool_type", None) == "argmax"
+            and isinstance(mask, torch.Tensor) and isinstance(pos, torch.Tensor)
+            and mask.dim() == 2 and mask.shape[0] == mask.shape[1] == pos.shape[0]):
+        return False
+    future = torch.ones(mask.shape, dtype=torch.bool, device=mask.device).triu(1)
+    return bool(torch.isneginf(mask[future]).all() and (mask[~future] == 0).all())
 
 
 class GemModel(nn.Module):
@@ -112,6 +155,7 @@ class GemModel(nn.Module):
         self._text_cache_size = text_cache_size
         self._text_lock = threading.Lock()
         self._pos_cache: dict = {}
+        self._truncate_text = _causal_argmax_text_tower(clip)
 
     # -- properties -----------------------------------------------------------------------------
     @property
@@ -187,27 +231,27 @@ class GemModel(nn.Module):
         blocks = visual.transformer.resblocks
         batch_first = getattr(visual.transformer, "batch_first", True)
         for block in blocks[:self.first_gem_block]:
-            x = block(x) if batch_first else block(x.transpose(0, 1)).transpose(0, 1)
+            if _is_standard_block(block):
+                x = _block_forward(block, x)
+            else:
+                x = block(x) if batch_first else block(x.transpose(0, 1)).transpose(0, 1)
 
         g = x
         last = len(blocks) - 1
         for i in range(self.first_gem_block, len(blocks)):
             block = blocks[i]
             attn: nn.MultiheadAttention = block.attn
-            heads = attn.num_heads
             y = block.ln_1(x)
-            q, k, v = F.linear(y, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
-            q, k, v = (split_heads(t, heads) for t in (q, k, v))            # [B, H, N, d]
-            head_dim = q.shape[-1]
-
+            qkv = F.linear(y, attn.in_proj_weight, attn.in_proj_bias)           # [B, N, 3C]
+            head_dim = qkv.shape[-1] // (3 * attn.num_heads)
             temperature = (adaptive_temperature(y, head_dim) if self.ss_attn_temp is None
                            else self.ss_attn_temp)
-            o = merge_heads(self_self_attention(q, k, v, temperature, self.ss_attn_iter))
-            g = g + block.ls_1(attn.out_proj(o))
-
             # The original path after the last block is only needed for the plain CLIP map.
-            if i < last or return_ori:
-                a = merge_heads(F.scaled_dot_product_attention(q, k, v))
+            original = i < last or return_ori
+            o, a = self_self_attention(qkv, attn.num_heads, temperature, self.ss_attn_iter,
+                                       original=original)
+            g = g + block.ls_1(attn.out_proj(o))
+            if original:
                 x = x + block.ls_1(attn.out_proj(a))
                 x = x + block.ls_2(block.mlp(block.ln_2(x)))
 
@@ -220,9 +264,16 @@ class GemModel(nn.Module):
     @torch.inference_mode()
     def encode_image(self, images: torch.Tensor, return_ori: bool = False) -> ImageFeatures:
         """[B, 3, H, W] preprocessed images -> ImageFeatures (text independent)."""
-        gem, ori = self.encode_tokens(images, return_ori=return_ori)
+        self._check_images(images)
         ph, pw = self.patch_size
         h, w = images.shape[-2] // ph, images.shape[-1] // pw
+        step = images.shape[0]
+        if self.device.type == "cpu":
+            step = max(1, CPU_TOKENS_PER_PASS // (1 + h * w))
+        parts = [self.encode_tokens(images[i:i + step], return_ori=return_ori)
+                 for i in range(0, images.shape[0], step)]
+        gem = torch.cat([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
+        ori = (torch.cat([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]) if return_ori else None
 
         def to_grid(tokens):
             return F.normalize(tokens.float(), dim=-1).reshape(tokens.shape[0], h, w, -1)
@@ -241,7 +292,7 @@ class GemModel(nn.Module):
             missing = list(dict.fromkeys(p for p in prompts if p not in self._text_cache))
             if missing:
                 tokens = self.tokenizer([self.prompt_template.format(p) for p in missing])
-                embeddings = F.normalize(self.clip.encode_text(tokens.to(self.device)).float(), dim=-1)
+                embeddings = F.normalize(self._text_features(tokens).float(), dim=-1)
                 self._text_cache.update(zip(missing, embeddings))
             for p in prompts:
                 self._text_cache.move_to_end(p)
@@ -249,6 +300,26 @@ class GemModel(nn.Module):
             while len(self._text_cache) > max(self._text_cache_size, len(prompts)):
                 self._text_cache.popitem(last=False)
         return out
+
+    def _text_features(self, tokens: torch.Tensor) -> torch.Tensor:
+        """clip.encode_text(tokens) [P, D] for tokenizer output [P, 77], computed on the shortest
+        token prefix that gives the same result.
+
+        CLIP's text tower is causal and reads its output at the end-of-text token, so the padding
+        after the longest prompt's EOT cannot change it: "a photo of a cat." is 8 of the 77
+        positions, and the tower runs ~8x fewer tokens. open_clip's encode_text adds the full
+        77-long positional embedding and mask, so it runs with those two cut to the prefix
+        (torch.func.functional_call swaps them for this one call, under the text lock).
+        """
+        length = int(tokens.argmax(dim=-1).max()) + 1      # tokens still on the CPU: no GPU sync
+        if not self._truncate_text or length >= tokens.shape[1]:
+            return self.clip.encode_text(tokens.to(self.device))
+        clip = self.clip
+        cut = {"positional_embedding": clip.positional_embedding[:length],
+               "attn_mask": clip.attn_mask[:length, :length]}
+        out = torch.func.functional_call(clip, cut, args=(),
+                                        kwargs={"text": tokens[:, :length].to(self.device)})
+        return out["text_features"] if isinstance(out, dict) else out[1]
 
     # -- matching -------------------------------------------------------------------------------
     @torch.inference_mode()

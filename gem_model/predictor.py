@@ -123,28 +123,35 @@ class HeatmapPredictor:
             raise InvalidInputError(f"batch_size must be >= 1, got {batch_size}")
         pil_images = [to_pil_rgb(image) for image in images]
         results: list[Optional[EncodedImage]] = [None] * len(pil_images)
-        groups: dict[tuple[int, int], list[int]] = {}
         keys = [self._key(image) for image in pil_images]
+        # Equal images (same key) in one call are encoded once: `todo` maps key -> indices.
+        todo: dict[str, list[int]] = {}
+        groups: dict[tuple[int, int], list[str]] = {}   # model input size -> keys, one batch each
         for i, image in enumerate(pil_images):
             original = (image.height, image.width)
+            if keys[i] in todo:
+                todo[keys[i]].append(i)
+                continue
             cached = self.cache.get(keys[i])
             if cached is not None:
                 results[i] = EncodedImage(cached, original, cached.input_size, keys[i], cached=True)
             else:
-                groups.setdefault(self.input_size(image), []).append(i)
+                todo[keys[i]] = [i]
+                groups.setdefault(self.input_size(image), []).append(keys[i])
 
-        for size, indices in groups.items():
-            for start in range(0, len(indices), batch_size):
-                chunk = indices[start:start + batch_size]
-                batch = torch.stack([self.transform(pil_images[i]) for i in chunk])
+        for size, group in groups.items():
+            for start in range(0, len(group), batch_size):
+                chunk = group[start:start + batch_size]
+                batch = torch.stack([self.transform(pil_images[todo[key][0]]) for key in chunk])
                 with self._lock:
                     features = self.model.encode_image(batch)
-                for j, i in enumerate(chunk):
+                for j, key in enumerate(chunk):
                     # clone: a slice would keep the whole batch alive in the cache
                     single = ImageFeatures(features.gem[j:j + 1].clone(), None, features.input_size)
-                    self.cache.put(keys[i], single)
-                    image = pil_images[i]
-                    results[i] = EncodedImage(single, (image.height, image.width), size, keys[i])
+                    self.cache.put(key, single)
+                    for i in todo[key]:
+                        image = pil_images[i]
+                        results[i] = EncodedImage(single, (image.height, image.width), size, key)
         return results  # type: ignore[return-value]
 
     def similarity(self, encoded: EncodedImage, prompts: Sequence[str]) -> np.ndarray:
