@@ -33,3 +33,6 @@ preload_app = False
 loglevel = _settings.log_level.lower()
 accesslog = None  # the app logs one structured line per request itself
 errorlog = "-"
+# gunicorn >= 25 opens a control socket under ~/.gunicorn shared by every instance of the user;
+# nothing here uses gunicornc, and several backends on one host must not share it.
+control_socket_disable = True

@@ -64,6 +64,9 @@ class ImageFeatures:
 # docs/PERFORMANCE.md, "Batching").
 CPU_TOKENS_PER_PASS = 2048
 
+# Resampled positional embeddings kept per patch-grid size (oldest dropped first).
+_POS_CACHE_SIZE = 64
+
 
 def _check_block(block: nn.Module, index: int) -> None:
     attn = getattr(block, "attn", None)
@@ -203,6 +206,8 @@ class GemModel(nn.Module):
                                       antialias=True, align_corners=False)
             patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1).to(pos.dtype)
             cached = torch.cat([cls_pos, patch_pos])
+            if len(self._pos_cache) >= _POS_CACHE_SIZE:   # one entry per grid size seen: bound it
+                self._pos_cache.pop(next(iter(self._pos_cache)))
             self._pos_cache[key] = cached
         return cached
 

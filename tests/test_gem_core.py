@@ -310,3 +310,12 @@ def test_quick_gelu_for_checkpoint_files(tiny_model_files):
     forced = make(tiny_model_files, quick_gelu=True)
     assert not isinstance(default.visual.transformer.resblocks[0].mlp.gelu, QuickGELU)
     assert isinstance(forced.visual.transformer.resblocks[0].mlp.gelu, QuickGELU)
+
+
+def test_resampled_positional_embeddings_cache_is_bounded(tiny, monkeypatch):
+    import gem_model.model as gem_model_module
+    monkeypatch.setattr(gem_model_module, "_POS_CACHE_SIZE", 3)
+    tiny._pos_cache.clear()
+    for width in (16, 24, 40, 48, 56):
+        tiny.encode_image(torch.randn(1, 3, 16, width))
+    assert len(tiny._pos_cache) == 3
