@@ -183,6 +183,10 @@ class GemBackendModel:
             from gem_model.regions import extract_regions
 
             logger.info("loading model %s (%s) on %s", s.model_name, s.pretrained or "random weights", s.device)
+            if s.torch_threads:
+                import torch
+
+                torch.set_num_threads(s.torch_threads)
             pretrained = None if s.pretrained.lower() in ("", "none") else s.pretrained
             model = gem_model.create_gem_model(
                 model_name=s.model_name, pretrained=pretrained, device=s.device, gem_depth=s.gem_depth,

@@ -166,6 +166,10 @@ class Settings:
                                       parse=_float(minimum=0.0, optional=True), group="Model")
     batch_size: int = knob("GEM_BATCH_SIZE", 8, "images encoded per model call", unit="images",
                            parse=_int(1, 1024), group="Model")
+    torch_threads: int = knob("GEM_TORCH_THREADS", 0,
+                              "CPU threads torch may use in each worker process; 0 = torch's default (all "
+                              "cores). With several workers on one host give each cores / WORKERS",
+                              unit="threads", parse=_int(0, 1024), group="Model")
     feature_cache_mb: float = knob("GEM_FEATURE_CACHE_MB", 256.0,
                                    "memory for image features kept for reuse (LRU): a repeated image or a "
                                    "new prompt on the same image skips the image encoder; 0 = no cache",

@@ -225,3 +225,22 @@ def test_documented_settings_table_is_current():
         checked += 1
     if not checked:
         pytest.skip("no document carries the settings table markers")
+
+
+def test_torch_threads_setting_is_applied_when_the_model_loads(tiny_model_files, tmp_path, monkeypatch):
+    import torch
+    from backend.model import GemBackendModel
+
+    assert Settings.from_env({}).torch_threads == 0
+    with pytest.raises(SettingsError, match="GEM_TORCH_THREADS"):
+        Settings.from_env({"GEM_TORCH_THREADS": "-1"})
+    name, config_path, checkpoint = tiny_model_files
+    settings = Settings.from_env({"GEM_MODEL": name, "GEM_MODEL_CONFIG": str(config_path),
+                                  "GEM_PRETRAINED": str(checkpoint), "GEM_DEVICE": "cpu",
+                                  "GEM_IMAGE_SIZE": "32", "MODEL_DIR": str(tmp_path),
+                                  "GEM_TORCH_THREADS": "1"})
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    model = GemBackendModel(settings)
+    model.load()
+    assert model.ready and calls == [1]
