@@ -99,10 +99,7 @@ def compute_model_version(settings: Settings) -> str:
     """
     if settings.model_version:
         return settings.model_version
-    try:
-        region = dataclasses.asdict(settings.region_config())
-    except Exception:  # gem_model.regions missing: fall back to the explicit overrides
-        region = dict(settings.region_overrides)
+    region = dataclasses.asdict(settings.region_config())
     weights = settings.pretrained or "none"
     if os.sep in weights or os.path.isfile(weights):
         weights = os.path.basename(weights)

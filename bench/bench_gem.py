@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Callable, Optional
+from unittest.mock import patch
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python bench/bench_gem.py` as well as `python -m bench.bench_gem`
@@ -308,12 +309,9 @@ def bench_ablations(model, args, device) -> dict:
     x1 = random_images(1, args.image_size, device)
 
     def mha_blocks():
-        real = gm._is_standard_block
-        gm._is_standard_block = lambda block: False      # open_clip's block: nn.MultiheadAttention
-        try:
+        # open_clip's block: nn.MultiheadAttention
+        with patch.object(gm, "_is_standard_block", lambda block: False):
             return model.encode_image(x1)
-        finally:
-            gm._is_standard_block = real
 
     t = interleaved({"on": lambda: model.encode_image(x1), "off": mha_blocks}, args.repeats, device,
                     label="(f) SDPA blocks")
@@ -322,11 +320,8 @@ def bench_ablations(model, args, device) -> dict:
     fresh = Prompts()
 
     def full_context_text():
-        model._truncate_text = False
-        try:
+        with patch.object(model, "_truncate_text", False):
             return model.encode_text(fresh(PROMPTS[:1]))
-        finally:
-            model._truncate_text = True
 
     t = interleaved({"on": lambda: model.encode_text(fresh(PROMPTS[:1])), "off": full_context_text},
                     max(args.repeats, 5), device, label="(f) text prefix")
@@ -336,12 +331,8 @@ def bench_ablations(model, args, device) -> dict:
         x8 = random_images(8, args.image_size, device)
 
         def one_pass():
-            real = gm.CPU_TOKENS_PER_PASS
-            gm.CPU_TOKENS_PER_PASS = 10**9
-            try:
+            with patch.object(gm, "CPU_TOKENS_PER_PASS", 10**9):
                 return model.encode_image(x8)
-            finally:
-                gm.CPU_TOKENS_PER_PASS = real
 
         t = interleaved({"on": lambda: model.encode_image(x8), "off": one_pass}, args.batch_repeats, device,
                         label="(f) CPU slices")
@@ -395,9 +386,6 @@ def _stage_sums(metrics_text: str) -> dict[str, float]:
 
 def predict_available() -> Optional[str]:
     """None when the backend and regions modules are importable, else why not."""
-    for path in ("backend/server.py", "backend/model.py", "gem_model/regions.py"):
-        if not (ROOT / path).exists():
-            return f"{path} does not exist yet"
     try:
         from backend.server import create_app  # noqa: F401
         from gem_model.regions import extract_regions  # noqa: F401

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import contextlib
-import http.server
 import json
 import os
 import re
@@ -20,7 +19,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -418,29 +416,16 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def _stub_health(body: dict):
-    seen = []
+    """A local server answering every GET with `body`; yields (port, the requests it saw)."""
+    from backend_fixtures import LocalServer
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
-            seen.append((self.path, self.headers.get("Authorization")))
-            data = json.dumps(body).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    server = LocalServer()
+    server.routes[("GET", "*")] = lambda seen: (200, {"Content-Type": "application/json"},
+                                               json.dumps(body).encode())
     try:
-        yield server.server_address[1], seen
+        yield server.httpd.server_address[1], server.seen
     finally:
-        server.shutdown()
-        server.server_close()
+        server.close()
 
 
 def _healthcheck(port: int, **env: str) -> subprocess.CompletedProcess:
@@ -453,9 +438,9 @@ def test_healthcheck_script():
         assert _healthcheck(port).returncode == 1
     with _stub_health({"status": "UP", "model_ready": True}) as (port, seen):
         assert _healthcheck(port).returncode == 0
-        assert seen[-1] == ("/health", None)
+        assert (seen[-1].path, seen[-1].headers.get("Authorization")) == ("/health", None)
         assert _healthcheck(port, BASIC_AUTH_USER="u", BASIC_AUTH_PASS="p").returncode == 0
-        assert seen[-1] == ("/health", "Basic dTpw")
+        assert (seen[-1].path, seen[-1].headers.get("Authorization")) == ("/health", "Basic dTpw")
     assert _healthcheck(_free_port()).returncode == 1  # nothing listening
 
 
