@@ -270,8 +270,8 @@ class GemBackendModel:
         prompt_plan = plan_prompts(plan, context, remembered)
         check_prompt_limits(list(dict.fromkeys(p for c in prompt_plan.controls for lp in c.labels
                                                for p in lp.prompts)), self.settings)
-        if prompt_plan.interactive and self.settings.remember_prompts and key:
-            typed = tuple(dict.fromkeys(p for prompts in prompt_plan.free_text.values() for p in prompts))
+        typed = tuple(dict.fromkeys(p for prompts in prompt_plan.free_text.values() for p in prompts))
+        if prompt_plan.interactive and typed and self.settings.remember_prompts and key:
             self.memory.set(key, typed)
 
         # Label Studio sends context only from the labeling UI, whose answer it shows but does not store.
@@ -280,6 +280,10 @@ class GemBackendModel:
                                                            for lp in c.labels for p in lp.prompts)))
         predictions: list[dict | None] = [None] * len(tasks)
         report.outcomes = [TaskOutcome(task_id=_task_id(t)) for t in tasks]
+        if prompt_plan.interactive and not prompt_plan.controls:
+            # Nothing typed (the UI's call on Submit): no regions, and no image is downloaded.
+            self._record(report)
+            return [{"model_version": self.model_version, "score": 0.0, "result": []} for _ in tasks], report
         batch = self.settings.batch_size
 
         # Downloads run up to two batches ahead of the model, in task order; a model batch is
@@ -477,6 +481,7 @@ class GemBackendModel:
         annotation = data.get("annotation") if isinstance(data.get("annotation"), Mapping) else {}
         task = data.get("task") if isinstance(data.get("task"), Mapping) else {}
         project = data.get("project")
+        parent = _parent_prediction(annotation, task)
         record = {
             "received_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "action": event,
@@ -486,7 +491,8 @@ class GemBackendModel:
             "annotation": annotation.get("id"),
             "annotations": data.get("annotations") if event.startswith("ANNOTATIONS_") else None,
             "result": annotation.get("result"),
-            "prediction_model_version": _prediction_version(annotation, task),
+            "prediction": parent[0],
+            "prediction_model_version": parent[1],
             "model_version": self.model_version,
         }
         os.makedirs(self.settings.model_dir, exist_ok=True)
@@ -499,12 +505,22 @@ def _task_id(task: Any) -> Any:
     return task.get("id") if isinstance(task, Mapping) else None
 
 
-def _prediction_version(annotation: Mapping[str, Any], task: Mapping[str, Any]) -> Any:
-    """Model version of the prediction the annotator started from, when Label Studio says."""
-    prediction = annotation.get("prediction")
-    if isinstance(prediction, Mapping):
-        return prediction.get("model_version")
-    return None
+def _parent_prediction(annotation: Mapping[str, Any], task: Mapping[str, Any]) -> tuple[Any, Any]:
+    """(id, model version) of the prediction the annotator started from, when Label Studio says.
+
+    Label Studio 1.23 names it `parent_prediction` (an id, or an object); older versions
+    `prediction`. With an id alone the version is looked up in the task's predictions, if sent.
+    """
+    for field_name in ("parent_prediction", "prediction"):
+        prediction = annotation.get(field_name)
+        if isinstance(prediction, Mapping):
+            return prediction.get("id"), prediction.get("model_version")
+        if isinstance(prediction, (int, str)) and not isinstance(prediction, bool) and prediction != "":
+            known = task.get("predictions") if isinstance(task.get("predictions"), list) else []
+            version = next((p.get("model_version") for p in known
+                            if isinstance(p, Mapping) and str(p.get("id")) == str(prediction)), None)
+            return prediction, version
+    return None, None
 
 
 def _is_user_error(exc: Exception) -> bool:

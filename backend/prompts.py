@@ -10,9 +10,12 @@ Rules (docs/BACKEND.md repeats them for users):
   its prompts is predicted as that label, with the label's own prompts added; any other
   prompt is predicted as the FIRST label of each control (put a catch-all label such as
   "Object" first if you rely on free text).
-* The last free text per project is remembered (GEM_REMEMBER_PROMPTS) in
-  MODEL_DIR/prompts.json; batch predictions for that project then add it, attached to a label
-  by the same rule, on top of the config's labels.
+* An interactive request (a `context` object is present) with no free text predicts NOTHING.
+  Label Studio's UI sends one on Submit with Auto-Annotation on (`{"result": []}`); answering it
+  with every label would show the just-submitted regions again as new suggestions.
+* Only when the project opts in (GEM_REMEMBER_PROMPTS, off by default) the last free text per
+  project is remembered in MODEL_DIR/prompts.json; batch predictions for that project then add
+  it, attached to a label by the same rule, on top of the config's labels.
 """
 from __future__ import annotations
 
@@ -52,7 +55,7 @@ class ControlPrompts:
 class PromptPlan:
     controls: tuple[ControlPrompts, ...]
     free_text: Mapping[str, tuple[str, ...]]   # image name -> free-text prompts applied to it
-    interactive: bool                           # free text came with this request
+    interactive: bool                           # a context came with this request (the labeling UI)
 
     def for_image(self, image_name: str) -> tuple[ControlPrompts, ...]:
         return tuple(c for c in self.controls if c.control.to_name == image_name)
@@ -105,10 +108,11 @@ def label_prompts(control: ControlSpec, free_text: Iterable[str], include_config
 
 
 def plan_prompts(plan: PredictionPlan, context: Any, remembered: tuple[str, ...] = ()) -> PromptPlan:
-    typed = free_text_from_context(context, plan)
-    interactive = bool(typed)
+    """What to predict. `context` is None for batch calls; any context object makes the call
+    interactive, and an interactive call predicts only the text typed in it (possibly nothing)."""
+    interactive = context is not None
     if interactive:
-        free_text = typed
+        free_text = free_text_from_context(context, plan)
     else:
         free_text = {i.name: remembered for i in plan.images} if remembered else {}
     controls = tuple(

@@ -215,7 +215,10 @@ def create_app(settings: Settings, model: GemBackendModel | None = None, load: b
         params = body.get("params")
         if params is not None and not isinstance(params, dict):
             raise ApiError(400, "'params' must be an object")
-        context = (params or {}).get("context") or body.get("context")
+        # An empty context object is still a context (an interactive call), so no `or` here.
+        context = (params or {}).get("context")
+        if context is None:
+            context = body.get("context")
         if context is not None and not isinstance(context, dict):
             raise ApiError(400, "'params.context' must be an object")
         project = body.get("project")

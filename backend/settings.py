@@ -179,8 +179,10 @@ class Settings:
     outputs: tuple[str, ...] = knob("GEM_OUTPUTS", OUTPUT_KINDS,
                                     "which result types to produce when the labeling config has them "
                                     "(comma list of brush, polygon, rectangle)", parse=_outputs, group="Prediction")
-    remember_prompts: bool = knob("GEM_REMEMBER_PROMPTS", True,
-                                  "remember each project's last free-text prompt and add it to batch predictions",
+    remember_prompts: bool = knob("GEM_REMEMBER_PROMPTS", False,
+                                  "opt in: remember each project's last free-text prompt (`MODEL_DIR/prompts.json`) "
+                                  "and add it to that project's later batch predictions (Retrieve Predictions, "
+                                  "opening a task without predictions); off = a typed prompt only answers itself",
                                   parse=_bool, group="Prediction")
     failed_tasks: str = knob("GEM_FAILED_TASKS", "skip",
                              "answer for a task that cannot be predicted (bad image): `skip` = an entry without "

@@ -188,6 +188,18 @@ def test_remembered_prompt_is_added_to_batch():
         ("Bright", ("Bright", "a cat")), ("Dark", ("Dark",))]
 
 
+def test_interactive_context_without_text_plans_nothing_even_with_a_remembered_prompt():
+    plan = parse_label_config(MIXED_CONFIG)
+    for context in ({"result": []}, {}, {"result": [{"type": "keypointlabels", "value": {}}]}):
+        prompts = plan_prompts(plan, context, remembered=("a cat",))
+        assert prompts.interactive and prompts.controls == () and prompts.free_text == {}
+
+
+def test_remembering_prompts_is_off_by_default():
+    assert Settings.from_env({}).remember_prompts is False
+    assert Settings.from_env({"GEM_REMEMBER_PROMPTS": "true"}).remember_prompts is True
+
+
 def test_prompt_memory_persists_and_is_thread_safe(tmp_path):
     path = str(tmp_path / "state" / "prompts.json")
     memory = PromptMemory(path)

@@ -131,7 +131,7 @@ def test_label_prompts_attribute_max_pools_its_prompts(tmp_path):
 
 def test_textarea_prompt_interactive_then_remembered_for_batch(tmp_path):
     predictor = FakePredictor()
-    app, model = make_app(tmp_path, predictor)
+    app, model = make_app(tmp_path, predictor, GEM_REMEMBER_PROMPTS="true")
     client = app.test_client()
     # A typed prompt equal to a label (ignoring case) predicts that label.
     reply = predict(client, [task()], MIXED_CONFIG, context=textarea("DARK"), project="5.123")
@@ -154,6 +154,40 @@ def test_textarea_prompt_interactive_then_remembered_for_batch(tmp_path):
     # Another project remembers nothing.
     predict(client, [task()], MIXED_CONFIG, project="6.1")
     assert set(predictor.similarity_calls[-1]) == {"Bright", "Dark"}
+
+    # The UI's empty call on Submit neither predicts nor forgets the remembered prompt.
+    calls = len(predictor.similarity_calls)
+    assert predict(client, [task()], MIXED_CONFIG, context={"result": []}, project="5.1").get_json()[
+        "results"][0]["result"] == []
+    assert len(predictor.similarity_calls) == calls
+    predict(client, [task()], MIXED_CONFIG, project="5.2")
+    assert set(predictor.similarity_calls[-1]) == {"Bright", "Dark", "the left part"}
+
+
+def test_typed_prompt_is_not_remembered_by_default(tmp_path):
+    predictor = FakePredictor()
+    client = make_app(tmp_path, predictor)[0].test_client()
+    predict(client, [task()], MIXED_CONFIG, context=textarea("the left part"), project="5.123")
+    assert predictor.similarity_calls[-1] == ("the left part",)
+    predict(client, [task()], MIXED_CONFIG, project="5.124")
+    assert set(predictor.similarity_calls[-1]) == {"Bright", "Dark"}
+    assert not (tmp_path / "model_data" / "prompts.json").exists()
+
+
+@pytest.mark.parametrize("context", [{"result": []}, {}, {"result": [{"type": "textarea", "value": {"text": [""]}}]},
+                                     {"result": [{"type": "brushlabels", "from_name": "brush", "to_name": "image",
+                                                  "value": {"format": "rle", "rle": [0], "brushlabels": ["Bright"]}}]}])
+def test_interactive_call_without_a_prompt_answers_no_regions(tmp_path, context):
+    """What the UI sends on Submit with Auto-Annotation on: no suggestions may come back."""
+    predictor = FakePredictor()
+    client = make_app(tmp_path, predictor, GEM_REMEMBER_PROMPTS="true")[0].test_client()
+    predict(client, [task()], MIXED_CONFIG, context=textarea("the left part"), project="5.1")  # remembered
+    encoded = list(predictor.encode_calls)
+    results = predict(client, [task(1), task(2, "/data/upload/5/never-fetched.png")], MIXED_CONFIG,
+                      context=context, project="5.1").get_json()["results"]
+    assert [r["result"] for r in results] == [[], []]
+    assert predictor.encode_calls == encoded      # no image was encoded (nor downloaded: task 2 would fail)
+    assert all("error" not in r for r in results)
 
 
 def test_one_failing_task_gets_an_empty_prediction_in_order(tmp_path, ls):
@@ -298,6 +332,17 @@ def test_versions_and_webhooks(tmp_path):
     record = json.loads(line)
     assert (record["action"], record["project"], record["task"], record["annotation"]) == \
         ("ANNOTATION_CREATED", 3, 11, 99)
+    # Label Studio 1.23 names the source prediction `parent_prediction`: an id, or an object.
+    client.post("/webhook", json={**event, "annotation": {"id": 100, "parent_prediction": 7},
+                                  "task": {"id": 11, "predictions": [{"id": 6, "model_version": "old"},
+                                                                     {"id": 7, "model_version": "gem-x"}]}})
+    client.post("/webhook", json={**event, "annotation": {"id": 101, "parent_prediction": 8}})
+    client.post("/webhook", json={**event, "annotation": {"id": 102, "parent_prediction": {
+        "id": 9, "model_version": "gem-y"}}})
+    client.post("/webhook", json={**event, "annotation": {"id": 103, "prediction": {"model_version": "gem-z"}}})
+    records = [json.loads(x) for x in (tmp_path / "model_data" / "feedback.jsonl").read_text().splitlines()]
+    assert [(r["prediction"], r["prediction_model_version"]) for r in records] == [
+        (None, None), (7, "gem-x"), (8, None), (9, "gem-y"), (None, "gem-z")]
     reply = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 3}})
     assert reply.status_code == 200 and reply.get_json()["status"] == "ok"
     assert client.post("/webhook", json={"action": "PROJECT_UPDATED"}).get_json()["status"] == "ignored"
