@@ -16,7 +16,9 @@ Label Studio credentials: a legacy token is sent as `Authorization: Token <t>`; 
 access token (a JWT refresh token) is exchanged at `POST <LS>/api/token/refresh/` for a short-
 lived access token sent as `Authorization: Bearer <access>`. The header is attached per request
 hop and only when that hop's scheme, host and port equal Label Studio's, so a redirect to a
-signed S3 URL or any other host never carries it.
+signed S3 URL or any other host never carries it. Which URL counts as Label Studio's depends on
+where the token came from: LABEL_STUDIO_API_KEY belongs to LABEL_STUDIO_URL (and is not used
+without it), a /setup `access_token` to the `hostname` of that same /setup.
 """
 from __future__ import annotations
 
@@ -120,19 +122,26 @@ def jwt_claims(token: str) -> dict | None:
 
 
 class LabelStudioCredentials:
-    """Turns a configured token into the Authorization header value, refreshing PAT access tokens."""
+    """Turns a configured token into the Authorization header value, refreshing PAT access tokens.
+
+    The refresh is a network call, so it never runs under the lock that guards the cache: a slow
+    Label Studio then delays only the requests that need that very token, and only until their
+    own deadline. One lock per token makes concurrent requests wait for one refresh, not start many.
+    """
+
+    MAX_TOKENS = 256   # cached access tokens (tokens may come from an open /setup: stay bounded)
 
     def __init__(self):
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()   # guards the two dicts below; held for dict operations only
         self._access: dict[tuple[str, str], tuple[str, float]] = {}   # (LS url, PAT) -> (access, expires at)
+        self._refreshing: dict[tuple[str, str], threading.Lock] = {}  # (LS url, PAT) -> its refresh lock
 
     @staticmethod
     def is_personal_access_token(token: str) -> bool:
         claims = jwt_claims(token)
         return claims is not None and claims.get("token_type", "refresh") == "refresh"
 
-    def header(self, access: LabelStudioAccess, fetcher: "ImageFetcher", deadline: float,
-               force_refresh: bool = False) -> str | None:
+    def header(self, access: LabelStudioAccess, fetcher: "ImageFetcher", deadline: float) -> str | None:
         token = access.token
         if not token:
             return None
@@ -143,15 +152,48 @@ class LabelStudioCredentials:
             return f"Bearer {token}"
         key = (access.url, token)
         with self._lock:
-            cached = self._access.get(key)
-            if cached and not force_refresh and cached[1] > time.time():
-                return f"Bearer {cached[0]}"
-            # Refresh under the lock so concurrent requests make one refresh call, not many.
+            cached = self._cached(key)
+            if cached:
+                return cached
+            refresh_lock = self._refreshing.get(key)
+            if refresh_lock is None:
+                refresh_lock = self._refreshing[key] = threading.Lock()
+                self._bound(self._refreshing, keep=lambda lock: lock.locked())
+        if not refresh_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise ImageFetchError(f"timed out waiting for Label Studio to renew the access token "
+                                  f"({redact(access.url)})", reason="timeout")
+        try:
+            with self._lock:   # another request may have renewed it while this one waited
+                cached = self._cached(key)
+            if cached:
+                return cached
             new_access = fetcher._refresh_access_token(access, deadline)
             exp = (jwt_claims(new_access) or {}).get("exp")
             expires = (float(exp) if isinstance(exp, (int, float)) else time.time() + ACCESS_TOKEN_FALLBACK_LIFETIME_S)
-            self._access[key] = (new_access, expires - ACCESS_TOKEN_MARGIN_S)
+            with self._lock:
+                self._access[key] = (new_access, expires - ACCESS_TOKEN_MARGIN_S)
+                self._bound(self._access)
             return f"Bearer {new_access}"
+        finally:
+            refresh_lock.release()
+
+    def invalidate(self, access: LabelStudioAccess, header: str | None) -> None:
+        """Forget the cached access token `header` carried (Label Studio refused it), unless
+        another request has renewed it since: the next header() then refreshes once."""
+        with self._lock:
+            key = (access.url, access.token)
+            cached = self._access.get(key)
+            if cached and header == f"Bearer {cached[0]}":
+                del self._access[key]
+
+    def _cached(self, key: tuple[str, str]) -> str | None:
+        cached = self._access.get(key)
+        return f"Bearer {cached[0]}" if cached and cached[1] > time.time() else None
+
+    def _bound(self, table: dict, keep=lambda value: False) -> None:
+        for old in list(table)[:max(0, len(table) - self.MAX_TOKENS)]:
+            if not keep(table[old]):
+                del table[old]
 
 
 class ImageFetcher:
@@ -194,17 +236,21 @@ class ImageFetcher:
             self._last_setup = access
 
     def label_studio(self, project_key: str | None = None) -> LabelStudioAccess:
-        """The environment wins; /setup's hostname and token fill what it leaves empty."""
+        """Label Studio's URL and the token that goes with it. A token travels only with the URL
+        it came with: LABEL_STUDIO_API_KEY with LABEL_STUDIO_URL, a /setup token with the
+        hostname of that same /setup. /setup is open by default, so a hostname it names must
+        never receive the environment's key (without LABEL_STUDIO_URL that key is not used)."""
         with self._setup_lock:
-            fallback = self._setup.get(project_key or "") or self._last_setup or LabelStudioAccess("", "")
-        # Either token is only ever sent to `url`'s origin (see get()), never to another host.
-        return LabelStudioAccess(url=self.settings.label_studio_url or fallback.url,
-                                 token=self.settings.label_studio_api_key or fallback.token)
+            setup = self._setup.get(project_key or "") or self._last_setup or LabelStudioAccess("", "")
+        env_url, env_key = self.settings.label_studio_url, self.settings.label_studio_api_key
+        if not env_url:
+            return setup
+        if env_key:
+            return LabelStudioAccess(url=env_url, token=env_key)
+        same_host = bool(setup.url) and origin(setup.url) == origin(env_url)
+        return LabelStudioAccess(url=env_url, token=setup.token if same_host else "")
 
     # -- public ----------------------------------------------------------------------
-
-    def fetch(self, url: str, task_id: int | None = None, project_key: str | None = None) -> FetchedImage:
-        return self.decode(self.download(url, task_id=task_id, project_key=project_key))
 
     def decode(self, data: bytes) -> FetchedImage:
         return decode_image(data, max_pixels=self.max_pixels)
@@ -274,10 +320,9 @@ class ImageFetcher:
             on_ls = ls_origin is not None and origin(url) == ls_origin
             # identity: images are compressed already, and it leaves no gzip bomb to inflate.
             headers = {"Accept": "image/*,*/*;q=0.8", "Accept-Encoding": "identity"}
-            if on_ls:
-                auth = self.credentials.header(access, self, deadline)
-                if auth:
-                    headers["Authorization"] = auth
+            auth = self.credentials.header(access, self, deadline) if on_ls else None
+            if auth:
+                headers["Authorization"] = auth
             response = self._send("GET", url, deadline, access, headers=headers, stream=True)
             try:
                 if response.status_code in REDIRECT_CODES and response.headers.get("Location"):
@@ -291,14 +336,18 @@ class ImageFetcher:
                         and LabelStudioCredentials.is_personal_access_token(access.token)):
                     # The cached access token may have been revoked or expired early: renew once.
                     refreshed = True
-                    self.credentials.header(access, self, deadline, force_refresh=True)
+                    self.credentials.invalidate(access, auth)
                     continue
                 if response.status_code >= 400:
                     hint = ""
                     if on_ls and response.status_code in (401, 403):
-                        hint = (" (check LABEL_STUDIO_API_KEY: legacy tokens must be enabled in Label Studio, "
-                                "or use a personal access token)" if access.token else
-                                " (set LABEL_STUDIO_API_KEY)")
+                        if access.token:
+                            hint = (" (check LABEL_STUDIO_API_KEY: legacy tokens must be enabled in Label Studio, "
+                                    "or use a personal access token)")
+                        elif self.settings.label_studio_api_key:
+                            hint = " (LABEL_STUDIO_API_KEY is only sent to LABEL_STUDIO_URL: set it)"
+                        else:
+                            hint = " (set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY)"
                     raise ImageFetchError(f"HTTP {response.status_code} from {redact(url, keep_query=on_ls)}{hint}",
                                           reason=f"http_{response.status_code // 100}xx")
                 body = self._read_body(response, url, deadline)

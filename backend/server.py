@@ -265,6 +265,8 @@ def create_app(settings: Settings, model: GemBackendModel | None = None, load: b
     def metrics_endpoint() -> Response:
         return Response(metrics.render(), mimetype=None, content_type=BackendMetrics.CONTENT_TYPE)
 
+    for warning in settings.warnings():
+        logger.warning("%s", warning)
     if load:
         model.start_loading()
     return app

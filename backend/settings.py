@@ -228,8 +228,9 @@ class Settings:
                                  "Label Studio base URL for `/data/...` images and cloud URIs; "
                                  "empty = the hostname /setup sends", parse=_url, group="Label Studio")
     label_studio_api_key: str = knob("LABEL_STUDIO_API_KEY", "",
-                                     "legacy token or personal access token; empty = the token /setup sends",
-                                     group="Label Studio", secret=True)
+                                     "legacy token or personal access token, sent only to LABEL_STUDIO_URL "
+                                     "(unused without it); empty = the token /setup sends, which goes only "
+                                     "to the hostname of that /setup", group="Label Studio", secret=True)
 
     # Server
     model_dir: str = knob("MODEL_DIR", "./model_data",
@@ -318,6 +319,15 @@ class Settings:
         except (TypeError, ValueError) as exc:
             names = ", ".join(f"GEM_{k.upper()}" for k, _ in self.region_overrides)
             raise SettingsError(f"invalid region settings ({names}): {exc}") from exc
+
+    def warnings(self) -> list[str]:
+        """Combinations that start but probably do not do what was meant (logged at start)."""
+        found = []
+        if self.label_studio_api_key and not self.label_studio_url:
+            found.append("LABEL_STUDIO_API_KEY is set but LABEL_STUDIO_URL is not: the key is only ever sent "
+                         "to LABEL_STUDIO_URL, so it will not be used; set LABEL_STUDIO_URL to Label Studio's "
+                         "address (images then use only the token each /setup sends, for its own hostname)")
+        return found
 
     def public_dict(self) -> dict[str, Any]:
         """Settings safe to log: secrets are reduced to whether they are set."""

@@ -172,6 +172,11 @@ def data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode()
 
 
+def fetch_image(fetcher, url: str, task_id: int | None = None, project_key: str | None = None):
+    """Download and decode `url` the way the backend's pipeline does (FetchedImage)."""
+    return fetcher.decode(fetcher.download(url, task_id=task_id, project_key=project_key))
+
+
 def make_jwt(claims: dict[str, Any]) -> str:
     def seg(obj):
         return base64.urlsafe_b64encode(json.dumps(obj).encode()).decode().rstrip("=")

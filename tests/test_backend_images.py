@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
 import time
 
 import numpy as np
@@ -14,7 +15,7 @@ import pytest
 
 from backend.images import ImageFetcher, ImageFetchError, decode_image, jwt_claims, origin
 from backend.settings import Settings
-from backend_fixtures import data_uri, make_jwt, square_image
+from backend_fixtures import data_uri, fetch_image, make_jwt, square_image
 
 PNG = square_image()
 
@@ -31,7 +32,7 @@ def test_legacy_token_on_upload_and_local_files(ls):
     ls.image("/data/local-files/?d=photos/b.png", PNG, require="Token legacy-abc")
     fetcher = fetcher_for(ls.url, "legacy-abc")
     for url in ("/data/upload/1/a.png", "upload/1/a.png", "/data/local-files/?d=photos/b.png"):
-        fetched = fetcher.fetch(url)
+        fetched = fetch_image(fetcher, url)
         assert (fetched.width, fetched.height) == (40, 30) and fetched.image.mode == "RGB"
     assert set(ls.auth_headers()) == {"Token legacy-abc"}
 
@@ -51,8 +52,8 @@ def test_personal_access_token_is_refreshed_and_cached(ls):
         (200, {"Content-Type": "image/png"}, PNG) if seen.headers.get("Authorization") == f"Bearer {accesses[-1]}"
         else (401, {}, b"no"))
     fetcher = fetcher_for(ls.url, pat)
-    fetcher.fetch("/data/upload/1/a.png")
-    fetcher.fetch("/data/upload/1/a.png")
+    fetch_image(fetcher, "/data/upload/1/a.png")
+    fetch_image(fetcher, "/data/upload/1/a.png")
     assert len(accesses) == 1                     # second fetch reused the cached access token
     assert f"Bearer {pat}" not in ls.auth_headers()  # the PAT itself is never used as a bearer
 
@@ -70,8 +71,8 @@ def test_personal_access_token_refreshed_before_expiry_and_after_401(ls):
     ls.routes[("POST", "/api/token/refresh/")] = refresh
     ls.image("/data/upload/1/a.png", PNG)
     fetcher = fetcher_for(ls.url, pat)
-    fetcher.fetch("/data/upload/1/a.png")
-    fetcher.fetch("/data/upload/1/a.png")
+    fetch_image(fetcher, "/data/upload/1/a.png")
+    fetch_image(fetcher, "/data/upload/1/a.png")
     assert len(accesses) == 2
 
     # A revoked access token (401) is renewed once and the download retried.
@@ -81,23 +82,23 @@ def test_personal_access_token_refreshed_before_expiry_and_after_401(ls):
     ls.routes[("GET", "/data/upload/2/b.png")] = lambda seen: (
         (401, {}, b"") if not served and not served.append(1) else (200, {}, PNG))
     fetcher2 = fetcher_for(ls.url, pat2)
-    fetcher2.fetch("/data/upload/2/b.png")
+    fetch_image(fetcher2, "/data/upload/2/b.png")
     assert len(served) == 1 and len(accesses) == 4   # one refresh to start, one after the 401
 
 
 def test_refused_personal_access_token_is_a_clear_error(ls):
     ls.routes[("POST", "/api/token/refresh/")] = lambda seen: (401, {}, b'{"detail":"bad"}')
     with pytest.raises(ImageFetchError, match="personal access token"):
-        fetcher_for(ls.url, make_jwt({"token_type": "refresh"})).fetch("/data/upload/1/a.png")
+        fetch_image(fetcher_for(ls.url, make_jwt({"token_type": "refresh"})), "/data/upload/1/a.png")
 
 
 def test_token_never_sent_to_other_hosts(ls, other):
     other.image("/pic.png", PNG)
     ls.redirect("/data/upload/1/moved.png", f"{other.url}/pic.png")
     fetcher = fetcher_for(ls.url, "legacy-abc")
-    fetcher.fetch(f"{other.url}/pic.png")                 # direct URL to another host
-    fetcher.fetch("/data/upload/1/moved.png")              # LS redirects to another host
-    fetcher.fetch(f"http://localhost:{other.url.rsplit(':', 1)[1]}/pic.png")  # same machine, other port
+    fetch_image(fetcher, f"{other.url}/pic.png")                 # direct URL to another host
+    fetch_image(fetcher, "/data/upload/1/moved.png")              # LS redirects to another host
+    fetch_image(fetcher, f"http://localhost:{other.url.rsplit(':', 1)[1]}/pic.png")  # same machine, other port
     assert len(other.seen) == 3
     assert other.auth_headers() == [None, None, None]
     assert ls.auth_headers() == ["Token legacy-abc"]
@@ -107,13 +108,82 @@ def test_setup_token_and_hostname_are_the_fallback(ls):
     ls.image("/data/upload/1/a.png", PNG, require="Token from-setup")
     fetcher = fetcher_for()
     with pytest.raises(ImageFetchError, match="LABEL_STUDIO_URL"):
-        fetcher.fetch("/data/upload/1/a.png")
+        fetch_image(fetcher, "/data/upload/1/a.png")
     fetcher.remember_setup("1", ls.url, "from-setup")
-    assert fetcher.fetch("/data/upload/1/a.png", project_key="1").width == 40
+    assert fetch_image(fetcher, "/data/upload/1/a.png", project_key="1").width == 40
     # The environment wins over /setup.
     env_fetcher = fetcher_for(ls.url, "from-env")
     env_fetcher.remember_setup("1", "http://elsewhere:1", "from-setup")
     assert env_fetcher.label_studio("1").token == "from-env" and env_fetcher.label_studio("1").url == ls.url
+
+
+def test_environment_key_goes_only_to_label_studio_url(ls, other):
+    other.image("/data/upload/1/a.png", PNG)
+    fetcher = fetcher_for("", "env-secret")            # a key, but no URL it belongs to
+    fetcher.remember_setup("1", other.url, None)        # /setup names a host and sends no token
+    assert fetch_image(fetcher, "/data/upload/1/a.png", project_key="1").width == 40
+    fetcher.remember_setup("2", other.url, "its-own")   # a /setup token goes to its own hostname
+    fetch_image(fetcher, "/data/upload/1/a.png", project_key="2")
+    assert other.auth_headers() == [None, "Token its-own"]
+    other.image("/data/upload/1/b.png", PNG, require="Token env-secret")
+    with pytest.raises(ImageFetchError, match="only sent to LABEL_STUDIO_URL"):
+        fetch_image(fetcher, "/data/upload/1/b.png", project_key="1")
+
+
+def test_setup_token_goes_only_to_the_hostname_of_its_setup(ls, other):
+    ls.image("/data/upload/1/a.png", PNG)
+    fetcher = fetcher_for(ls.url, "")                   # LABEL_STUDIO_URL without a key
+    fetcher.remember_setup("1", other.url, "meant-for-other")
+    fetch_image(fetcher, "/data/upload/1/a.png", project_key="1")
+    fetcher.remember_setup("1", ls.url + "/", "meant-for-ls")   # same origin as LABEL_STUDIO_URL
+    fetch_image(fetcher, "/data/upload/1/a.png", project_key="1")
+    assert ls.auth_headers() == [None, "Token meant-for-ls"] and other.seen == []
+
+
+def test_token_refresh_does_not_hold_up_other_tokens(ls):
+    """A slow refresh of one personal access token stalls neither other tokens' requests nor
+    makes concurrent requests for the same token refresh it more than once."""
+    slow_pat, fast_pat = make_jwt({"token_type": "refresh", "k": "slow"}), make_jwt({"token_type": "refresh"})
+    release, refreshes = threading.Event(), []
+
+    def refresh(seen):
+        pat = json.loads(seen.body)["refresh"]
+        refreshes.append(pat)
+        if pat == slow_pat:
+            release.wait(10)
+        return 200, {}, json.dumps({"access": make_jwt({"token_type": "access", "exp": time.time() + 300,
+                                                        "for": pat[-6:]})}).encode()
+
+    ls.routes[("POST", "/api/token/refresh/")] = refresh
+    ls.image("/data/upload/1/a.png", PNG)
+    fetcher = fetcher_for(GEM_FETCH_TIMEOUT="20")
+    fetcher.remember_setup("slow", ls.url, slow_pat)
+    fetcher.remember_setup("fast", ls.url, fast_pat)
+    fetch_image(fetcher, "/data/upload/1/a.png", project_key="fast")          # caches fast_pat's access token
+    errors: list[BaseException] = []
+
+    def slow_fetch():
+        try:
+            fetch_image(fetcher, "/data/upload/1/a.png", project_key="slow")
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=slow_fetch) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 5
+    while slow_pat not in refreshes and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert slow_pat in refreshes                       # the slow refresh is in progress now
+    started = time.monotonic()
+    fetch_image(fetcher, "/data/upload/1/a.png", project_key="fast")          # must not wait for it
+    fetch_image(fetcher_for(ls.url, "legacy"), "/data/upload/1/a.png")
+    assert time.monotonic() - started < 5 and not release.is_set()
+    release.set()
+    for thread in threads:
+        thread.join(15)
+    assert not errors
+    assert refreshes.count(slow_pat) == 1 and refreshes.count(fast_pat) == 1
 
 
 def test_cloud_uri_is_presigned_by_label_studio(ls, other):
@@ -121,49 +191,49 @@ def test_cloud_uri_is_presigned_by_label_studio(ls, other):
     encoded = base64.urlsafe_b64encode(uri.encode()).decode()
     other.image("/signed.png?X-Amz-Signature=abc", PNG)
     ls.redirect(f"/tasks/42/presign/?fileuri={encoded}", f"{other.url}/signed.png?X-Amz-Signature=abc", 303)
-    fetched = fetcher_for(ls.url, "legacy-abc").fetch(uri, task_id=42)
+    fetched = fetch_image(fetcher_for(ls.url, "legacy-abc"), uri, task_id=42)
     assert fetched.width == 40
     assert ls.auth_headers() == ["Token legacy-abc"] and other.auth_headers() == [None]
     with pytest.raises(ImageFetchError, match="task id"):
-        fetcher_for(ls.url, "t").fetch(uri)
+        fetch_image(fetcher_for(ls.url, "t"), uri)
 
 
 def test_http_errors_limits_and_bad_urls(ls):
     fetcher = fetcher_for(ls.url, "t", GEM_FETCH_MAX_MB="0.001", GEM_FETCH_MAX_REDIRECTS="2")
     with pytest.raises(ImageFetchError, match="HTTP 404") as info:
-        fetcher.fetch("/data/upload/1/missing.png")
+        fetch_image(fetcher, "/data/upload/1/missing.png")
     assert info.value.reason == "http_4xx"
 
     ls.image("/big.png", b"\0" * 5000)
     with pytest.raises(ImageFetchError, match="GEM_FETCH_MAX_MB"):
-        fetcher.fetch("/big.png")
+        fetch_image(fetcher, "/big.png")
 
     for k in range(4):
         ls.redirect(f"/loop{k}", f"/loop{k + 1}")
     with pytest.raises(ImageFetchError, match="too many redirects"):
-        fetcher.fetch("/loop0")
+        fetch_image(fetcher, "/loop0")
 
     ls.image("/text.png", b"this is not an image")
     with pytest.raises(ImageFetchError, match="not a readable image") as info:
-        fetcher.fetch("/text.png")
+        fetch_image(fetcher, "/text.png")
     assert info.value.reason == "decode"
 
     for url in ("ftp://x/y.png", "file:///etc/passwd", "", "C:\\a.png"):
         with pytest.raises(ImageFetchError):
-            fetcher.fetch(url)
+            fetch_image(fetcher, url)
     with pytest.raises(ImageFetchError, match="cannot connect"):
-        fetcher.fetch("http://127.0.0.1:9/nothing.png")
+        fetch_image(fetcher, "http://127.0.0.1:9/nothing.png")
 
 
 def test_errors_do_not_leak_signed_queries(other):
     other.routes[("GET", "*")] = lambda seen: (403, {}, b"")
     with pytest.raises(ImageFetchError) as info:
-        fetcher_for().fetch(f"{other.url}/x.png?X-Amz-Signature=SECRET")
+        fetch_image(fetcher_for(), f"{other.url}/x.png?X-Amz-Signature=SECRET")
     assert "SECRET" not in str(info.value)
 
 
 def test_data_uri():
-    fetched = fetcher_for().fetch(data_uri(PNG))
+    fetched = fetch_image(fetcher_for(), data_uri(PNG))
     assert (fetched.width, fetched.height) == (40, 30)
 
 

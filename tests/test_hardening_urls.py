@@ -15,7 +15,7 @@ from backend.images import ImageFetcher, ImageFetchError
 from backend.settings import Settings, SettingsError
 from backend.urlguard import (BlockedURLError, GuardedAdapter, HostPolicy, UrlGuard, address_problem,
                               embedded_ipv4)
-from backend_fixtures import square_image
+from backend_fixtures import fetch_image, square_image
 from bad_inputs import fake_dns
 
 PNG = square_image()
@@ -34,7 +34,7 @@ def fetcher(**env) -> ImageFetcher:
 
 def refused(fetcher_: ImageFetcher, url: str, match: str | None = None, **kwargs) -> ImageFetchError:
     with pytest.raises(ImageFetchError, match=match) as info:
-        fetcher_.fetch(url, **kwargs)
+        fetch_image(fetcher_, url, **kwargs)
     assert info.value.reason == "blocked", str(info.value)
     return info.value
 
@@ -116,7 +116,7 @@ def test_private_loopback_and_metadata_urls_are_refused_before_connecting(url):
 ])
 def test_only_http_and_https_schemes(url, match):
     with pytest.raises(ImageFetchError, match=match):
-        fetcher().fetch(url)
+        fetch_image(fetcher(), url)
 
 
 def test_redirect_to_another_scheme_is_refused(ls):
@@ -143,7 +143,7 @@ def test_connection_goes_to_the_address_it_checked(monkeypatch, other):
     other.image("/pic.png", PNG)
     fake_dns(monkeypatch, {"images.test": ["127.0.0.1"]})
     f = fetcher(GEM_ALLOWED_HOSTS="127.0.0.1")
-    assert f.fetch(f"http://images.test:{port_of(other)}/pic.png").width == 40
+    assert fetch_image(f, f"http://images.test:{port_of(other)}/pic.png").width == 40
     assert other.seen[-1].headers["Host"] == f"images.test:{port_of(other)}"   # virtual hosting still works
 
 
@@ -167,7 +167,7 @@ def test_every_redirect_hop_is_checked(monkeypatch, ls, other):
     refused(f, f"{other.url}/to-private", "10.0.0.5, a private address")
     refused(f, f"{other.url}/to-metadata", "cloud metadata")
     refused(f, f"{other.url}/to-loopback", "127.0.0.2")
-    assert f.fetch(f"{other.url}/to-ok").width == 40
+    assert fetch_image(f, f"{other.url}/to-ok").width == 40
     assert ls.seen == []
     # Label Studio's presign redirect is checked like any other hop.
     ls.redirect("/tasks/7/presign/?fileuri=czM6Ly9iL2sucG5n", "http://meta.test/latest/")
@@ -178,8 +178,8 @@ def test_label_studio_origin_is_allowed_but_not_its_other_ports(ls, other):
     ls.image("/data/upload/1/a.png", PNG)
     other.image("/pic.png", PNG)
     f = fetcher(LABEL_STUDIO_URL=ls.url)                 # loopback, and no GEM_ALLOWED_HOSTS
-    assert f.fetch("/data/upload/1/a.png").width == 40
-    assert f.fetch(f"{ls.url}/data/upload/1/a.png").width == 40
+    assert fetch_image(f, "/data/upload/1/a.png").width == 40
+    assert fetch_image(f, f"{ls.url}/data/upload/1/a.png").width == 40
     refused(f, f"{other.url}/pic.png", "loopback")      # same host, another port: not Label Studio
 
 
@@ -187,7 +187,7 @@ def test_setup_hostname_is_the_label_studio_origin_too(ls, other):
     ls.image("/data/upload/1/a.png", PNG)
     f = fetcher()
     f.remember_setup("1", ls.url, "tok")
-    assert f.fetch("/data/upload/1/a.png", project_key="1").width == 40
+    assert fetch_image(f, "/data/upload/1/a.png", project_key="1").width == 40
     refused(f, f"{other.url}/pic.png", project_key="1")
 
 
@@ -197,14 +197,14 @@ def test_allow_list_hostnames_wildcards_and_ranges(monkeypatch, other):
     fake_dns(monkeypatch, {"minio": ["127.0.0.1"], "img.corp.test": ["127.0.0.1"], "corp.test": ["127.0.0.1"],
                            "evil.test": ["127.0.0.1"]})
     f = fetcher(GEM_ALLOWED_HOSTS="minio, *.corp.test")
-    assert f.fetch(f"http://minio:{port}/pic.png").width == 40
-    assert f.fetch(f"http://img.corp.test:{port}/pic.png").width == 40
+    assert fetch_image(f, f"http://minio:{port}/pic.png").width == 40
+    assert fetch_image(f, f"http://img.corp.test:{port}/pic.png").width == 40
     refused(f, f"http://corp.test:{port}/pic.png")       # "*.corp.test" means subdomains only
     refused(f, f"http://evil.test:{port}/pic.png")
     refused(f, f"http://127.0.0.1:{port}/pic.png")       # a name on the list does not allow its address
     g = fetcher(GEM_ALLOWED_HOSTS="127.0.0.0/8")
-    assert g.fetch(f"http://evil.test:{port}/pic.png").width == 40   # a range allows what resolves into it
-    assert g.fetch(f"http://127.0.0.1:{port}/pic.png").width == 40
+    assert fetch_image(g, f"http://evil.test:{port}/pic.png").width == 40   # a range allows what resolves into it
+    assert fetch_image(g, f"http://127.0.0.1:{port}/pic.png").width == 40
 
 
 def test_allow_list_setting_is_validated():
@@ -223,7 +223,7 @@ def test_unresolvable_host_is_a_connection_failure(monkeypatch):
         raise socket.gaierror(-2, "Name or service not known")
     monkeypatch.setattr("socket.getaddrinfo", fail)
     with pytest.raises(ImageFetchError, match="cannot resolve nowhere.test") as info:
-        fetcher().fetch("http://nowhere.test/a.png")
+        fetch_image(fetcher(), "http://nowhere.test/a.png")
     assert info.value.reason == "connection"
 
 
@@ -243,7 +243,7 @@ def test_token_not_sent_across_redirects_to_other_hosts(monkeypatch, ls, other):
     ls.redirect("/data/upload/1/d.png", f"http://127.0.0.1:{ls_port}@127.0.0.1:{other_port}/pic.png", 303)
     f = fetcher(LABEL_STUDIO_URL=ls.url, LABEL_STUDIO_API_KEY="legacy-SECRET", GEM_ALLOWED_HOSTS="127.0.0.1")
     for path in ("a", "b", "c", "d"):
-        assert f.fetch(f"/data/upload/1/{path}.png").width == 40
+        assert fetch_image(f, f"/data/upload/1/{path}.png").width == 40
     assert other.auth_headers() == [None, None, None]
     by_path = [(s.path, s.headers.get("Authorization")) for s in ls.seen]
     assert by_path == [
@@ -266,7 +266,7 @@ def test_pat_and_its_access_token_never_reach_other_hosts(ls, other):
     ls.routes[("POST", "/api/token/refresh/")] = lambda seen: (200, {}, json.dumps({"access": access}).encode())
     ls.redirect("/data/upload/1/a.png", f"{other.url}/pic.png")
     other.image("/pic.png", PNG)
-    fetcher(LABEL_STUDIO_URL=ls.url, LABEL_STUDIO_API_KEY=pat, GEM_ALLOWED_HOSTS="127.0.0.1").fetch("/data/upload/1/a.png")
+    fetch_image(fetcher(LABEL_STUDIO_URL=ls.url, LABEL_STUDIO_API_KEY=pat, GEM_ALLOWED_HOSTS="127.0.0.1"), "/data/upload/1/a.png")
     assert other.auth_headers() == [None]
     assert all(pat not in s.body.decode() and access not in str(s.headers) for s in other.seen)
     assert ls.auth_headers() == [None, f"Bearer {access}"]   # refresh POST carries the PAT in its body only
@@ -310,9 +310,9 @@ def test_https_through_the_pinned_connection_keeps_certificate_checks(monkeypatc
         monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(cert))
         fake_dns(monkeypatch, {"images.test": ["127.0.0.1"]})
         f = fetcher(GEM_ALLOWED_HOSTS="127.0.0.1")
-        assert f.fetch(f"https://images.test:{port}/a.png").width == 40
+        assert fetch_image(f, f"https://images.test:{port}/a.png").width == 40
         with pytest.raises(ImageFetchError, match="SSLError"):       # the certificate is not 127.0.0.1's
-            f.fetch(f"https://127.0.0.1:{port}/a.png")
+            fetch_image(f, f"https://127.0.0.1:{port}/a.png")
     finally:
         httpd.shutdown()
         httpd.server_close()
