@@ -342,6 +342,21 @@ class GemModel(nn.Module):
             sims = F.interpolate(sims, size=size, mode="bilinear", align_corners=False)
         return minmax_normalize(sims) if normalize else sims
 
+    @torch.inference_mode()
+    def embedding_similarity(self, features: ImageFeatures, embeddings: torch.Tensor,
+                             output_size: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        """Cosine similarity maps [B, K, H, W] of the GEM patch embeddings against arbitrary vectors
+        [K, D] (L2-normalised here, as text embeddings are), upsampled like `similarity`."""
+        tokens = features.gem
+        embeddings = torch.as_tensor(embeddings, dtype=torch.float32, device=tokens.device)
+        if embeddings.dim() != 2 or embeddings.shape[1] != tokens.shape[-1]:
+            raise InvalidInputError(f"embeddings must be [K, {tokens.shape[-1]}], got {tuple(embeddings.shape)}")
+        sims = torch.einsum("bhwd,kd->bkhw", tokens, F.normalize(embeddings, dim=-1))
+        size = tuple(output_size or features.input_size)
+        if sims.shape[-2:] != size:
+            sims = F.interpolate(sims, size=size, mode="bilinear", align_corners=False)
+        return sims
+
     def forward(self, images: torch.Tensor, prompts: Sequence[str], normalize: bool = True,
                 return_ori: bool = False) -> torch.Tensor:
         """[B, 3, H, W] preprocessed images, P prompts -> [B, P, H, W] heatmaps.

@@ -160,6 +160,35 @@ class HeatmapPredictor:
             maps = self.model.similarity(encoded.features, prompts, output_size=encoded.original_size)
         return maps[0].float().cpu().numpy()
 
+    # Patch embeddings, for learning from annotations (gem_model/learning.py) ------------------
+    def patch_embeddings(self, encoded: EncodedImage) -> np.ndarray:
+        """GEM patch embeddings of an encoded image on its patch grid: float32 [h, w, D], L2-normalised.
+        The grid spans the whole image (resized, never cropped)."""
+        return encoded.features.gem[0].float().cpu().numpy()
+
+    def text_embeddings(self, prompts: Sequence[str]) -> np.ndarray:
+        """[P, D] float32 L2-normalised embeddings of the prompts (the template applied), as `similarity` uses."""
+        with self._lock:
+            return self.model.encode_text(prompts).float().cpu().numpy()
+
+    def similarity_to(self, encoded: EncodedImage, embeddings) -> np.ndarray:
+        """Cosine similarity maps [K, H0, W0] against arbitrary vectors [K, D] (normalised like text
+        embeddings), at the resolution `similarity` answers."""
+        with self._lock:
+            maps = self.model.embedding_similarity(encoded.features, embeddings, output_size=encoded.original_size)
+        return maps[0].float().cpu().numpy()
+
+    def upsample(self, grid_maps, encoded: EncodedImage) -> np.ndarray:
+        """Maps on the patch grid [K, h, w] -> [K, H0, W0], resampled exactly as `similarity` does."""
+        maps = torch.as_tensor(np.asarray(grid_maps, dtype=np.float32))
+        if maps.dim() != 3:
+            raise InvalidInputError(f"grid maps must be [K, h, w], got {tuple(maps.shape)}")
+        size = tuple(encoded.original_size)
+        if tuple(maps.shape[-2:]) != size:
+            maps = torch.nn.functional.interpolate(maps[None], size=size, mode="bilinear",
+                                                   align_corners=False)[0]
+        return maps.numpy()
+
     # SAM-style convenience ---------------------------------------------------------------------
     def set_image(self, image: ImageLike) -> EncodedImage:
         self._current = self.encode([image])[0]

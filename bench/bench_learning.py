@@ -1,0 +1,299 @@
+"""Does learning from corrections help? Mean IoU on held-out images after 0, 1, 2, 4, 8 corrected images.
+
+    python bench/bench_learning.py [--repeats 3] [--heldout 24] [--size 160] [--plot docs/img/learning.png]
+
+A synthetic project the code generates: photos of three kinds of shapes (the labels) in clutter,
+with their true masks. The model is the random-weight open_clip ViT of the tests, so its text
+tower knows nothing about "disc" or "square": at 0 corrections the predictions are chance, and
+anything better comes from learning. An annotator is simulated: each image in turn is predicted
+with what was learned so far, then "corrected" to the truth (the true masks become the
+annotation; predicted regions with no overlap with the truth of their label count as deleted).
+Two arms: calibration only (per-label floors + minimum area), and calibration + visual prototypes.
+It prints a Markdown table, the rank correlation between the task score and the IoU, and writes
+a PNG plot.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from gem_model import HeatmapPredictor, create_gem_model  # noqa: E402
+from gem_model.learning import (  # noqa: E402
+    Calibration, CalibrationSample, build_bank, calibrate, grid_coverage, learned_heatmaps, task_examples,
+)
+from gem_model.regions import RegionConfig, extract_regions  # noqa: E402
+
+LABELS = ("Disc", "Square", "Triangle")
+# Each kind has a typical colour (with jitter) and shape; clutter takes other colours and is smaller.
+KIND_COLOURS = {"Disc": (210, 40, 40), "Square": (40, 70, 220), "Triangle": (230, 200, 30)}
+CLUTTER_COLOURS = ((40, 160, 60), (150, 150, 150), (140, 60, 170), (90, 60, 30), (230, 230, 230), (20, 20, 20))
+STEPS = (0, 1, 2, 4, 8)
+
+
+@dataclasses.dataclass
+class SyntheticTask:
+    image: Image.Image
+    masks: dict[str, np.ndarray]      # label -> bool [H, W]; only the labels present
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, kind: str, box, fill) -> None:
+    x0, y0, x1, y1 = box
+    if kind == "Disc":
+        draw.ellipse(box, fill=fill)
+    elif kind == "Square":
+        draw.rectangle(box, fill=fill)
+    else:
+        draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
+
+
+def make_task(rng: np.random.Generator, size: int = 160) -> SyntheticTask:
+    """One image: a mottled background, 6-10 small clutter shapes, 1-2 labelled shapes on top."""
+    low = rng.integers(60, 200, (4, 4, 3)).astype(np.uint8)
+    background = np.asarray(Image.fromarray(low).resize((size, size), Image.BICUBIC), dtype=np.float32)
+    background += rng.normal(0, 12, background.shape)
+    canvas = Image.fromarray(background.clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(canvas)
+    for _ in range(int(rng.integers(6, 11))):
+        side = rng.uniform(0.06, 0.12) * size
+        cx, cy = rng.uniform(0, size, 2)
+        colour = CLUTTER_COLOURS[int(rng.integers(len(CLUTTER_COLOURS)))]
+        _draw_shape(draw, LABELS[int(rng.integers(3))], (cx - side, cy - side, cx + side, cy + side),
+                    tuple(int(c) for c in np.clip(np.array(colour) + rng.normal(0, 15, 3), 0, 255)))
+    present = rng.choice(len(LABELS), size=int(rng.integers(1, 3)), replace=False)
+    masks = {}
+    taken = np.zeros((size, size), dtype=bool)
+    for index in present:
+        label = LABELS[int(index)]
+        for _ in range(20):   # place without overlapping the other labelled shape
+            side = rng.uniform(0.14, 0.24) * size
+            cx, cy = rng.uniform(side, size - side, 2)
+            box = (cx - side, cy - side, cx + side, cy + side)
+            layer = Image.new("L", (size, size))
+            _draw_shape(ImageDraw.Draw(layer), label, box, 255)
+            mask = np.asarray(layer) > 0
+            if not (mask & taken).any():
+                break
+        colour = np.clip(np.array(KIND_COLOURS[label]) + rng.normal(0, 20, 3), 0, 255)
+        _draw_shape(draw, label, box, tuple(int(c) for c in colour))
+        masks[label] = mask
+        taken |= mask
+    canvas = canvas.filter(ImageFilter.GaussianBlur(0.6))
+    return SyntheticTask(image=canvas, masks=masks)
+
+
+def make_project(count: int, seed: int, size: int = 160) -> list[SyntheticTask]:
+    rng = np.random.default_rng(seed)
+    return [make_task(rng, size) for _ in range(count)]
+
+
+# ----------------------------------------------------------------------------------- the loop
+
+@dataclasses.dataclass
+class Learner:
+    """What a project has learned: examples and calibration samples of the corrected images."""
+    use_prototypes: bool
+    config: RegionConfig
+    prior: float = 1.0
+    max_examples: int = 32
+    examples: list = dataclasses.field(default_factory=list)
+    samples: list = dataclasses.field(default_factory=list)
+    calibration: Optional[Calibration] = None
+
+    def bank(self):
+        return build_bank(self.examples, self.max_examples) if self.use_prototypes and self.examples else None
+
+    def learn(self, key: str, features: np.ndarray, text_maps: np.ndarray, truth: dict[str, np.ndarray],
+              deleted: dict[str, list[np.ndarray]]) -> None:
+        grid = features.shape[:2]
+        coverage = {label: grid_coverage(mask, grid) for label, mask in truth.items()}
+        deleted_cov = {label: [grid_coverage(m, grid) for m in masks] for label, masks in deleted.items()}
+        self.examples.append(task_examples(key, features, coverage, deleted_cov))
+        full = np.stack([coverage.get(label, np.zeros(grid, np.float32)) for label in LABELS])
+        self.samples.append(CalibrationSample(key, features, text_maps, full))
+        self.calibration = calibrate(self.samples, LABELS, self.config, self.examples,
+                                     use_prototypes=self.use_prototypes, prior=self.prior,
+                                     max_examples=self.max_examples)
+
+
+def encode(predictor: HeatmapPredictor, task: SyntheticTask):
+    encoded = predictor.encode([task.image])[0]
+    features = predictor.patch_embeddings(encoded)                                   # [h, w, D]
+    text = predictor.text_embeddings([label.lower() for label in LABELS])            # [L, D]
+    text_maps = np.einsum("hwd,ld->lhw", features, text)                             # [L, h, w]
+    return encoded, features, text_maps
+
+
+def predict(predictor, learner: Learner, encoded, features, text_maps):
+    maps = learned_heatmaps(features, text_maps, LABELS, learner.bank(), learner.calibration,
+                            floor=learner.config.min_similarity, prior=learner.prior)
+    full = predictor.upsample(maps, encoded)
+    config = learner.calibration.region_config(learner.config) if learner.calibration else learner.config
+    return extract_regions(full, list(LABELS), config)
+
+
+def image_iou(result, truth: dict[str, np.ndarray], shape) -> float:
+    """Mean over labels present in the truth or the prediction of the mask IoU; 1 when both are empty."""
+    predicted = {label: np.zeros(shape, bool) for label in LABELS}
+    for region in result.regions:
+        predicted[region.label] |= region.mask
+    values = []
+    for label in LABELS:
+        t = truth.get(label, np.zeros(shape, bool))
+        p = predicted[label]
+        union = (p | t).sum()
+        if union:
+            values.append((p & t).sum() / union)
+    return float(np.mean(values)) if values else 1.0
+
+
+def deleted_regions(result, truth: dict[str, np.ndarray]) -> dict[str, list[np.ndarray]]:
+    """Predicted regions an annotator would delete: no overlap with the truth of their label."""
+    out: dict[str, list[np.ndarray]] = {}
+    for region in result.regions:
+        t = truth.get(region.label)
+        if t is None or not (region.mask & t).any():
+            out.setdefault(region.label, []).append(region.mask)
+    return out
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman rank correlation (average ranks for ties)."""
+    from scipy.stats import spearmanr
+
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return float("nan")
+    return float(spearmanr(x, y).statistic)
+
+
+def run(predictor, config: RegionConfig, repeats: int, heldout: int, size: int, seed: int = 0):
+    """Mean IoU per arm and step, and the score/IoU rank correlation, over `repeats` projects."""
+    arms = {"calibration": False, "calibration + prototypes": True}
+    ious = {arm: {k: [] for k in STEPS} for arm in arms}
+    pairs = {arm: {k: ([], []) for k in STEPS} for arm in arms}
+    for repeat in range(repeats):
+        pool = make_project(max(STEPS), seed=1000 * repeat + seed + 1, size=size)
+        test = make_project(heldout, seed=1000 * repeat + seed + 2, size=size)
+        test_encoded = [encode(predictor, t) for t in test]
+        pool_encoded = [encode(predictor, t) for t in pool]
+        for arm, use_prototypes in arms.items():
+            learner = Learner(use_prototypes=use_prototypes, config=config)
+            done = 0
+            for step in STEPS:
+                while done < step:   # the annotator corrects the next image of the pool
+                    task, (encoded, features, text_maps) = pool[done], pool_encoded[done]
+                    before = predict(predictor, learner, encoded, features, text_maps)
+                    learner.learn(f"{repeat}-{done}", features, text_maps, task.masks,
+                                  deleted_regions(before, task.masks))
+                    done += 1
+                for task, (encoded, features, text_maps) in zip(test, test_encoded):
+                    result = predict(predictor, learner, encoded, features, text_maps)
+                    iou = image_iou(result, task.masks, (size, size))
+                    ious[arm][step].append(iou)
+                    pairs[arm][step][0].append(result.score)
+                    pairs[arm][step][1].append(iou)
+    return ious, pairs
+
+
+def plot(table: dict[str, list[float]], path: Path, title: str) -> None:
+    """A small line plot drawn with PIL (no plotting library needed)."""
+    width, height, margin = 560, 340, 56
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    x_of = {k: margin + i * (width - 2 * margin) / (len(STEPS) - 1) for i, k in enumerate(STEPS)}
+
+    def y_of(v: float) -> float:
+        return height - margin - v * (height - 2 * margin)
+
+    draw.line([(margin, y_of(0)), (width - margin, y_of(0))], fill="black")
+    draw.line([(margin, y_of(0)), (margin, y_of(1))], fill="black")
+    for v in (0.0, 0.2, 0.4, 0.6, 0.8, 1.0):
+        draw.line([(margin - 4, y_of(v)), (width - margin, y_of(v))], fill=(225, 225, 225))
+        draw.text((margin - 30, y_of(v) - 6), f"{v:.1f}", fill="black")
+    for k in STEPS:
+        draw.text((x_of[k] - 3, height - margin + 6), str(k), fill="black")
+    draw.text((width / 2 - 70, height - margin + 22), "corrected images", fill="black")
+    draw.text((margin, 12), title, fill="black")
+    colours = [(200, 60, 40), (30, 110, 200)]
+    for (arm, values), colour in zip(table.items(), colours):
+        points = [(x_of[k], y_of(v)) for k, v in zip(STEPS, values)]
+        draw.line(points, fill=colour, width=3)
+        for x, y in points:
+            draw.ellipse((x - 4, y - 4, x + 4, y + 4), fill=colour)
+        index = list(table).index(arm)
+        draw.line([(width - 250, 34 + 16 * index), (width - 226, 34 + 16 * index)], fill=colour, width=3)
+        draw.text((width - 220, 28 + 16 * index), f"mean IoU, {arm}", fill="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, optimize=True)
+
+
+def main(argv=None) -> None:
+    from tiny_model import TINY_MODEL_NAME, write_tiny_model
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3, help="independent projects averaged")
+    parser.add_argument("--heldout", type=int, default=24, help="held-out images per project")
+    parser.add_argument("--size", type=int, default=160, help="image side, px (also the model input side)")
+    parser.add_argument("--plot", type=Path, default=None, help="write the PNG plot here")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    import torch
+
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        config_path, checkpoint = write_tiny_model(Path(tmp))
+        model = create_gem_model(TINY_MODEL_NAME, str(checkpoint), device="cpu", model_config=str(config_path))
+    predictor = HeatmapPredictor(model, image_size=args.size, cache_bytes=0)
+    config = RegionConfig()
+    started = time.perf_counter()
+    ious, pairs = run(predictor, config, args.repeats, args.heldout, args.size, args.seed)
+    seconds = time.perf_counter() - started
+
+    print(f"Synthetic project: {len(LABELS)} labels ({', '.join(LABELS)}), {args.size} px images, "
+          f"random-weight tiny ViT ({TINY_MODEL_NAME}), {args.repeats} projects x {args.heldout} held-out images, "
+          f"{seconds:.0f} s")
+    print()
+    print("| Corrected images | " + " | ".join(str(k) for k in STEPS) + " |")
+    print("|---|" + "---|" * len(STEPS))
+    table = {}
+    for arm in ious:
+        means = [float(np.mean(ious[arm][k])) for k in STEPS]
+        table[arm] = means
+        print(f"| mean IoU, {arm} | " + " | ".join(f"{m:.3f}" for m in means) + " |")
+    print()
+    print("Rank correlation (Spearman) between the task score and its IoU, held-out images:")
+    print()
+    print("| Corrected images | " + " | ".join(str(k) for k in STEPS) + " |")
+    print("|---|" + "---|" * len(STEPS))
+    for arm in pairs:
+        rhos = [spearman(*pairs[arm][k]) for k in STEPS]
+        print(f"| {arm} | " + " | ".join("n/a" if math.isnan(r) else f"{r:+.2f}" for r in rhos) + " |")
+    arm = "calibration + prototypes"
+    scores, values = pairs[arm][max(STEPS)]
+    order = np.argsort(scores)
+    quarter = max(1, len(order) // 4)
+    print()
+    print(f"{arm}, {max(STEPS)} corrected: mean IoU of the lowest-scored quarter of held-out images "
+          f"{np.mean(np.asarray(values)[order[:quarter]]):.3f}, of the highest-scored quarter "
+          f"{np.mean(np.asarray(values)[order[-quarter:]]):.3f}")
+    if args.plot:
+        plot(table, args.plot, "Held-out mean IoU, random-weight ViT (text knows nothing)")
+        print(f"plot: {args.plot} ({args.plot.stat().st_size // 1024} KiB)")
+
+
+if __name__ == "__main__":
+    main()
