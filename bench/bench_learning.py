@@ -106,7 +106,7 @@ class Learner:
     """What a project has learned: examples and calibration samples of the corrected images."""
     use_prototypes: bool
     config: RegionConfig
-    prior: float = 1.0
+    prior: float = 0.25
     max_examples: int = 32
     examples: list = dataclasses.field(default_factory=list)
     samples: list = dataclasses.field(default_factory=list)
@@ -179,7 +179,8 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     return float(spearmanr(x, y).statistic)
 
 
-def run(predictor, config: RegionConfig, repeats: int, heldout: int, size: int, seed: int = 0):
+def run(predictor, config: RegionConfig, repeats: int, heldout: int, size: int, seed: int = 0,
+        prior: float = 0.25):
     """Mean IoU per arm and step, and the score/IoU rank correlation, over `repeats` projects."""
     arms = {"calibration": False, "calibration + prototypes": True}
     ious = {arm: {k: [] for k in STEPS} for arm in arms}
@@ -190,7 +191,7 @@ def run(predictor, config: RegionConfig, repeats: int, heldout: int, size: int, 
         test_encoded = [encode(predictor, t) for t in test]
         pool_encoded = [encode(predictor, t) for t in pool]
         for arm, use_prototypes in arms.items():
-            learner = Learner(use_prototypes=use_prototypes, config=config)
+            learner = Learner(use_prototypes=use_prototypes, config=config, prior=prior)
             done = 0
             for step in STEPS:
                 while done < step:   # the annotator corrects the next image of the pool
@@ -249,6 +250,7 @@ def main(argv=None) -> None:
     parser.add_argument("--size", type=int, default=160, help="image side, px (also the model input side)")
     parser.add_argument("--plot", type=Path, default=None, help="write the PNG plot here")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--prior", type=float, default=0.25, help="text pseudo-count against the examples")
     args = parser.parse_args(argv)
 
     import torch
@@ -260,7 +262,7 @@ def main(argv=None) -> None:
     predictor = HeatmapPredictor(model, image_size=args.size, cache_bytes=0)
     config = RegionConfig()
     started = time.perf_counter()
-    ious, pairs = run(predictor, config, args.repeats, args.heldout, args.size, args.seed)
+    ious, pairs = run(predictor, config, args.repeats, args.heldout, args.size, args.seed, args.prior)
     seconds = time.perf_counter() - started
 
     print(f"Synthetic project: {len(LABELS)} labels ({', '.join(LABELS)}), {args.size} px images, "

@@ -35,7 +35,7 @@ from .masks import remove_small_components
 from .regions import RegionConfig, assign_semantic, threshold_independent
 
 __all__ = [
-    "Calibration", "CalibrationSample", "LabelPrototypes", "PrototypeBank", "TaskExamples",
+    "Calibration", "CalibrationSample", "LabelPrototypes", "LearnedMaps", "PrototypeBank", "TaskExamples",
     "background_vectors", "build_bank", "calibrate", "grid_coverage", "label_heatmaps",
     "learned_heatmaps", "mean_embedding", "segment_grid", "task_examples",
 ]
@@ -415,3 +415,19 @@ def calibrate(samples: Sequence[CalibrationSample], labels: Sequence[str], confi
         best_area = None
     return Calibration(offsets={label: float(o) for label, o in zip(labels, offsets) if o != 0.0},
                        min_area=best_area, samples=len(samples), iou_before=before, iou_after=after)
+
+
+@dataclass(frozen=True)
+class LearnedMaps:
+    """What a project learned, as the prediction pipeline applies it: prototypes, calibration, prior."""
+    bank: Optional[PrototypeBank] = None
+    calibration: Optional[Calibration] = None
+    prior: float = 0.25
+
+    def heatmaps(self, features: np.ndarray, text_maps: np.ndarray, labels: Sequence[str],
+                 floor: float) -> np.ndarray:
+        """[L, h, w] learned maps from grid features and text maps (see `learned_heatmaps`)."""
+        return learned_heatmaps(features, text_maps, labels, self.bank, self.calibration, floor, self.prior)
+
+    def region_config(self, config: RegionConfig) -> RegionConfig:
+        return self.calibration.region_config(config) if self.calibration is not None else config
