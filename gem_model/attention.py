@@ -106,3 +106,38 @@ def self_self_attention(qkv: torch.Tensor, heads: int, temperature: Union[float,
     out = attend(query, key, values, scale=1.0).unflatten(2, (paths, heads))  # Eq. 5, [B, N, paths, H, d]
     gem = out[:, :, :3].mean(dim=2).flatten(2)                                # Eq. 6, [B, N, H*d]
     return gem, (out[:, :, 3].flatten(2) if original else None)
+
+
+def query_query_attention(qkv: torch.Tensor, heads: int) -> torch.Tensor:
+    """ClearCLIP's self-self attention: softmax(q q^T / sqrt(d)) v per head.
+
+    qkv: [B, N, 3*H*d]. Returns [B, N, H*d], heads merged (before out_proj).
+    """
+    b, n, _ = qkv.shape
+    q, _, v = qkv.reshape(b, n, 3, heads, -1).unbind(2)
+    return attend(q, q, v).reshape(b, n, -1)
+
+
+def gaussian_neighbourhood_bias(grid: tuple[int, int], sigma: float, prefix: int = 1,
+                                device=None, dtype=torch.float32) -> torch.Tensor:
+    """NACLIP's spatial prior: [N, N] with exp(-|p_i - p_j|^2 / (2 sigma^2)) between patch tokens
+    i and j at grid positions p (in patches), and 0 in the rows and columns of the `prefix`
+    tokens (the class token) that have no position."""
+    h, w = grid
+    rows = torch.arange(h, device=device, dtype=torch.float64).repeat_interleave(w)
+    cols = torch.arange(w, device=device, dtype=torch.float64).repeat(h)
+    dist2 = (rows[:, None] - rows[None, :]) ** 2 + (cols[:, None] - cols[None, :]) ** 2
+    n = prefix + h * w
+    bias = torch.zeros(n, n, device=device, dtype=torch.float64)
+    bias[prefix:, prefix:] = torch.exp(-dist2 / (2.0 * sigma ** 2))
+    return bias.to(dtype)
+
+
+def neighbourhood_attention(qkv: torch.Tensor, heads: int, bias: torch.Tensor) -> torch.Tensor:
+    """NACLIP's attention: softmax(k k^T / sqrt(d) + bias) v per head, bias from
+    `gaussian_neighbourhood_bias`. qkv: [B, N, 3*H*d]. Returns [B, N, H*d]."""
+    b, n, _ = qkv.shape
+    _, k, v = qkv.reshape(b, n, 3, heads, -1).unbind(2)
+    out = F.scaled_dot_product_attention(k.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=bias.to(dtype=k.dtype, device=k.device))
+    return out.transpose(1, 2).reshape(b, n, -1)

@@ -10,6 +10,20 @@ modified block and accumulates only attention outputs (no MLP):
 
 Patch tokens of LN_post(g) @ proj, L2-normalised, against L2-normalised text embeddings give the
 per-prompt cosine-similarity maps.
+
+Other training-free modes change only the LAST block (all earlier blocks run unchanged), with no
+residual connection and no MLP, so the block's output is out_proj(attention(LN1(x))):
+
+    clearclip (Lan et al., ECCV 2024):     softmax(q q^T / sqrt(d)) v
+    naclip (Hajimiri et al., WACV 2025):   softmax(k k^T / sqrt(d) + G) v,
+        G_ij = exp(-|p_i - p_j|^2 / (2 sigma^2)) for patch positions p (in patches), 0 for the class token
+
+Sliding windows (`slide_crop`, `slide_stride`, in pixels): the image is covered by crop x crop windows
+every `stride` pixels (the last one flush with the border); each window is encoded on its own and the
+L2-normalised tokens of overlapping windows are averaged, which equals averaging their similarity maps.
+
+PAMR (`pamr_iters` > 0, gem_model.pamr): the similarity maps are refined at the model input's
+resolution, guided by the input image, before they are resized to the requested size.
 """
 from __future__ import annotations
 
@@ -22,21 +36,26 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import adaptive_temperature, multi_head_attention, self_self_attention
+from .attention import (adaptive_temperature, gaussian_neighbourhood_bias, multi_head_attention,
+                        neighbourhood_attention, query_query_attention, self_self_attention)
 from .errors import InvalidInputError, UnsupportedModelError
+from .pamr import pamr
 
 
 @dataclass
 class ImageFeatures:
     """What the image path gives; it does not depend on the prompts.
 
-    gem:  [B, h, w, D] L2-normalised GEM patch embeddings (float32)
+    gem:  [B, h, w, D] L2-normalised GEM patch embeddings (float32; with sliding windows, the mean
+          of the overlapping windows' normalised embeddings)
     ori:  [B, h, w, D] L2-normalised plain CLIP patch embeddings, or None when not computed
     input_size: (H, W) of the image tensor that produced them
+    guide: [B, 3, H, W] that image tensor, kept only when the model refines maps with PAMR
     """
     gem: torch.Tensor
     ori: Optional[torch.Tensor]
     input_size: tuple[int, int]
+    guide: Optional[torch.Tensor] = None
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -48,13 +67,10 @@ class ImageFeatures:
     def __getitem__(self, index) -> "ImageFeatures":
         index = slice(index, index + 1) if isinstance(index, int) else index
         return ImageFeatures(self.gem[index], None if self.ori is None else self.ori[index],
-                             self.input_size)
+                             self.input_size, None if self.guide is None else self.guide[index])
 
     def nbytes(self) -> int:
-        total = self.gem.element_size() * self.gem.nelement()
-        if self.ori is not None:
-            total += self.ori.element_size() * self.ori.nelement()
-        return total
+        return sum(t.element_size() * t.nelement() for t in (self.gem, self.ori, self.guide) if t is not None)
 
 
 # On CPU a batch runs in slices of at most this many tokens (two 448x448 images). Larger slices
@@ -66,6 +82,17 @@ CPU_TOKENS_PER_PASS = 2048
 
 # Resampled positional embeddings kept per patch-grid size (oldest dropped first).
 _POS_CACHE_SIZE = 64
+
+MODES = ("gem", "clearclip", "naclip")
+
+
+def window_starts(length: int, crop: int, stride: int) -> list[int]:
+    """Start offsets of windows of `crop` every `stride` along `length`, the last one flush with the
+    end; one window at 0 when the crop covers the length."""
+    if crop >= length:
+        return [0]
+    count = (length - crop + stride - 1) // stride + 1
+    return sorted({min(i * stride, length - crop) for i in range(count)})
 
 
 def _check_block(block: nn.Module, index: int) -> None:
@@ -121,7 +148,8 @@ class GemModel(nn.Module):
 
     def __init__(self, clip: nn.Module, tokenizer, gem_depth: int = 7, ss_attn_iter: int = 1,
                  ss_attn_temp: Optional[float] = None, prompt_template: str = "a photo of a {}.",
-                 text_cache_size: int = 4096):
+                 text_cache_size: int = 4096, mode: str = "gem", naclip_sigma: float = 5.0,
+                 slide_crop: int = 0, slide_stride: int = 0, pamr_iters: int = 0):
         super().__init__()
         visual = getattr(clip, "visual", None)
         from open_clip.transformer import VisionTransformer
@@ -145,6 +173,14 @@ class GemModel(nn.Module):
             _check_block(blocks[i], i)
         if "{}" not in prompt_template:
             raise InvalidInputError("prompt_template must contain '{}' where the prompt goes")
+        if mode not in MODES:
+            raise InvalidInputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if pamr_iters < 0:
+            raise InvalidInputError(f"pamr_iters must be >= 0, got {pamr_iters}")
+        if not naclip_sigma > 0:
+            raise InvalidInputError(f"naclip_sigma must be positive, got {naclip_sigma}")
+        if mode != "gem":
+            _check_block(blocks[-1], len(blocks) - 1)
 
         self.clip = clip
         self.tokenizer = tokenizer
@@ -152,6 +188,12 @@ class GemModel(nn.Module):
         self.ss_attn_iter = ss_attn_iter
         self.ss_attn_temp = ss_attn_temp
         self.prompt_template = prompt_template
+        self.mode = mode
+        self.naclip_sigma = float(naclip_sigma)
+        self.pamr_iters = int(pamr_iters)
+        self.slide_crop = 0
+        self.slide_stride = 0
+        self.set_sliding_window(slide_crop, slide_stride)
         self.model_name = ""
         self.pretrained = None
         self._text_cache: "OrderedDict[str, torch.Tensor]" = OrderedDict()
@@ -189,6 +231,24 @@ class GemModel(nn.Module):
         with self._text_lock:
             self._text_cache.clear()
         return super()._apply(fn, *args, **kwargs)
+
+    def set_sliding_window(self, crop: int = 0, stride: int = 0) -> None:
+        """Encode images in crop x crop windows every `stride` pixels (0 = off; stride 0 = crop)."""
+        crop, stride = int(crop or 0), int(stride or 0)
+        if crop < 0 or stride < 0:
+            raise InvalidInputError(f"slide crop and stride must be >= 0, got {crop} and {stride}")
+        if crop:
+            stride = stride or crop
+            p = max(self.patch_size)
+            if crop % p or stride % p:
+                raise InvalidInputError(f"slide crop and stride must be multiples of the patch size {p}, "
+                                        f"got {crop} and {stride}")
+            if stride > crop:
+                raise InvalidInputError(f"slide stride {stride} is larger than the crop {crop}: "
+                                        f"parts of the image would be skipped")
+        elif stride:
+            raise InvalidInputError("a slide stride needs a slide crop")
+        self.slide_crop, self.slide_stride = crop, stride
 
     # -- image path -----------------------------------------------------------------------------
     def _positional_embedding(self, grid: tuple[int, int]) -> torch.Tensor:
@@ -235,11 +295,15 @@ class GemModel(nn.Module):
 
         blocks = visual.transformer.resblocks
         batch_first = getattr(visual.transformer, "batch_first", True)
-        for block in blocks[:self.first_gem_block]:
+        first_special = self.first_gem_block if self.mode == "gem" else len(blocks) - 1
+        for block in blocks[:first_special]:
             if _is_standard_block(block):
                 x = _block_forward(block, x)
             else:
                 x = block(x) if batch_first else block(x.transpose(0, 1)).transpose(0, 1)
+
+        if self.mode != "gem":
+            return self._encode_last_block_variant(x, grid, return_ori)
 
         g = x
         last = len(blocks) - 1
@@ -266,10 +330,67 @@ class GemModel(nn.Module):
 
         return project(g), (project(x) if return_ori else None)
 
+    def _project(self, tokens: torch.Tensor) -> torch.Tensor:
+        visual = self.visual
+        tokens = visual.ln_post(tokens[:, 1:])
+        return tokens @ visual.proj if visual.proj is not None else tokens
+
+    def _encode_last_block_variant(self, x: torch.Tensor, grid: tuple[int, int], return_ori: bool):
+        """ClearCLIP / NACLIP: x [B, N, C] entering the last block -> projected tokens (method, ori)."""
+        blocks = self.visual.transformer.resblocks
+        block = blocks[-1]
+        attn: nn.MultiheadAttention = block.attn
+        qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)
+        if self.mode == "clearclip":
+            out = query_query_attention(qkv, attn.num_heads)
+        else:
+            bias = gaussian_neighbourhood_bias(grid, self.naclip_sigma, device=x.device, dtype=x.dtype)
+            out = neighbourhood_attention(qkv, attn.num_heads, bias)
+        tokens = block.ls_1(attn.out_proj(out))        # no residual, no MLP
+        ori = None
+        if return_ori:
+            ori = x + block.ls_1(attn.out_proj(multi_head_attention(qkv, attn.num_heads)))
+            ori = self._project(ori + block.ls_2(block.mlp(block.ln_2(ori))))
+        return self._project(tokens), ori
+
     @torch.inference_mode()
     def encode_image(self, images: torch.Tensor, return_ori: bool = False) -> ImageFeatures:
-        """[B, 3, H, W] preprocessed images -> ImageFeatures (text independent)."""
+        """[B, 3, H, W] preprocessed images -> ImageFeatures (text independent).
+
+        With a sliding window set (`set_sliding_window`) and an image larger than the crop, the
+        windows are encoded (as one batch) and their tokens averaged where they overlap.
+        """
+        features = self._encode_windows(images, return_ori)
+        if self.pamr_iters:
+            features.guide = images.to(device=features.gem.device, dtype=torch.float32)
+        return features
+
+    def _encode_windows(self, images: torch.Tensor, return_ori: bool) -> ImageFeatures:
         self._check_images(images)
+        crop, stride = self.slide_crop, self.slide_stride
+        height, width = images.shape[-2:]
+        if not crop or (height <= crop and width <= crop):
+            return self._encode_plain(images, return_ori)
+        ph, pw = self.patch_size
+        ch, cw = min(crop, height), min(crop, width)
+        windows = [(y, x) for y in window_starts(height, ch, stride) for x in window_starts(width, cw, stride)]
+        crops = torch.cat([images[:, :, y:y + ch, x:x + cw] for y, x in windows])   # window-major
+        parts = self._encode_plain(crops, return_ori)
+        batch = images.shape[0]
+
+        def blend(tokens: torch.Tensor) -> torch.Tensor:
+            total = tokens.new_zeros(batch, height // ph, width // pw, tokens.shape[-1])
+            count = tokens.new_zeros(1, height // ph, width // pw, 1)
+            for j, (y, x) in enumerate(windows):
+                rows, cols = slice(y // ph, (y + ch) // ph), slice(x // pw, (x + cw) // pw)
+                total[:, rows, cols] += tokens[j * batch:(j + 1) * batch]
+                count[:, rows, cols] += 1
+            return total / count
+
+        return ImageFeatures(blend(parts.gem), None if parts.ori is None else blend(parts.ori),
+                             (height, width))
+
+    def _encode_plain(self, images: torch.Tensor, return_ori: bool = False) -> ImageFeatures:
         ph, pw = self.patch_size
         h, w = images.shape[-2] // ph, images.shape[-1] // pw
         step = images.shape[0]
@@ -338,6 +459,11 @@ class GemModel(nn.Module):
         text = self.encode_text(prompts).to(tokens.device)                     # [P, D]
         sims = torch.einsum("bhwd,pd->bphw", tokens, text)                      # [B, P, h, w]
         size = tuple(output_size or features.input_size)
+        if self.pamr_iters and features.guide is not None:
+            # PAMR at the model input's resolution, guided by that image (its per-channel
+            # normalisation cancels in PAMR's affinities).
+            sims = F.interpolate(sims, size=features.input_size, mode="bilinear", align_corners=False)
+            sims = pamr(features.guide, sims, iterations=self.pamr_iters)
         if sims.shape[-2:] != size:
             sims = F.interpolate(sims, size=size, mode="bilinear", align_corners=False)
         return minmax_normalize(sims) if normalize else sims

@@ -105,7 +105,8 @@ class HeatmapPredictor:
         self._lock = threading.RLock()
         self._settings_key = repr((model.model_name, model.pretrained, model.gem_depth,
                                    model.ss_attn_iter, model.ss_attn_temp, str(model.dtype),
-                                   image_size, resize_mode, max_side))
+                                   image_size, resize_mode, max_side, model.mode, model.naclip_sigma,
+                                   model.slide_crop, model.slide_stride, model.pamr_iters))
         self._current: Optional[EncodedImage] = None
 
     def input_size(self, image: Image.Image) -> tuple[int, int]:
@@ -147,7 +148,8 @@ class HeatmapPredictor:
                     features = self.model.encode_image(batch)
                 for j, key in enumerate(chunk):
                     # clone: a slice would keep the whole batch alive in the cache
-                    single = ImageFeatures(features.gem[j:j + 1].clone(), None, features.input_size)
+                    single = ImageFeatures(features.gem[j:j + 1].clone(), None, features.input_size,
+                                           None if features.guide is None else features.guide[j:j + 1].clone())
                     self.cache.put(key, single)
                     for i in todo[key]:
                         image = pil_images[i]
