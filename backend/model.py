@@ -15,6 +15,7 @@ import threading
 import time
 from typing import Any, Callable, Mapping, Sequence
 
+from .feedback import FeedbackLog
 from .images import ImageFetcher
 from .label_config import parse_label_config
 from .pipeline import (DEFERRED, UNDEFINED_DATA_KEY, PredictionJob, PredictionPipeline, PredictReport,  # noqa: F401
@@ -58,15 +59,25 @@ class GemBackendModel:
         # Called with the message when loading fails; the production entry point exits there
         # (backend/wsgi.py), the development server and tests keep reporting it on /health.
         self.on_load_error = on_load_error
-        self.learned_provider = learned_provider
         self.fetcher = fetcher or ImageFetcher(settings)
         self.memory = PromptMemory(os.path.join(settings.model_dir, "prompts.json"))
-        self.feedback_path = os.path.join(settings.model_dir, "feedback.jsonl")
+        self.feedback = FeedbackLog(os.path.join(settings.model_dir, "feedback.jsonl"),
+                                    max_bytes=int(settings.feedback_max_mb * 2**20), backups=settings.feedback_backups)
+        self.feedback_path = self.feedback.path
         self.model_version = compute_model_version(settings)
+        self.learning: ProjectLearning | None = None
+        if settings.learn:
+            try:
+                self.learning = ProjectLearning(self)
+            except Exception as exc:   # e.g. MODEL_DIR not writable: predict without learning
+                logger.error("learning from annotations is off: cannot open its state in %s: %s",
+                             settings.model_dir, exc)
+        if learned_provider is None and self.learning is not None:
+            learned_provider = self.learning.learned
+        self.learned_provider = learned_provider
         self.pipeline: PredictionPipeline | None = None
         self._extract = region_extractor
         self._region_config = region_config
-        self._feedback_lock = threading.Lock()
         self._schemas_lock = threading.Lock()
         self._schemas: collections.OrderedDict[str, str] = collections.OrderedDict()  # project -> config
         self._ready = threading.Event()
@@ -175,7 +186,16 @@ class GemBackendModel:
                 while len(self._schemas) > self.MAX_REMEMBERED_SCHEMAS:
                     self._schemas.popitem(last=False)
         self.fetcher.remember_setup(key, hostname, access_token)
-        return self.model_version
+        if self.learning is not None and key:
+            self.learning.remember_project(key, schema)
+        return self.version_for(key)
+
+    def version_for(self, project: Any) -> str:
+        """Model version of this project's predictions: the base version, plus the learned state's."""
+        key = project_key(project)
+        learned = self.learned_provider(key) if self.learned_provider is not None and key else None
+        return f"{self.model_version}+{learned.version}" if learned is not None and learned.version else \
+            self.model_version
 
     def predict(self, tasks: Sequence[Mapping[str, Any]], context: Any = None, **kwargs: Any) -> list[dict]:
         """One entry per task, in order: `{"model_version", "score", "result"}`.
@@ -219,13 +239,26 @@ class GemBackendModel:
         return self.webhook(event, data or {})
 
     def webhook(self, event: str, data: Mapping[str, Any]) -> dict:
-        """Record annotation events for an active-learning loop; GEM itself has nothing to train."""
+        """Record annotation events in the feedback log and queue them for learning (answers at once).
+
+        status: "queued" (will be learned), "recorded" (logged only: learning off, or a project or
+        Label Studio this backend does not know), "dropped" (learning queue full), "ok" / "ignored".
+        """
         if event in ANNOTATION_EVENTS:
             self._append_feedback(event, data)
+            if self.learning is not None:
+                queued, detail = self.learning.on_annotation_event(event, data)
+                if queued is not None:
+                    return {"status": queued, "action": event, **({"detail": detail} if detail else {})}
             return {"status": "recorded", "action": event}
         if event in TRAINING_EVENTS:
+            if self.learning is not None:
+                queued, detail = self.learning.on_start_training(data)
+                if queued is not None:
+                    return {"status": queued, "action": event, "detail": detail}
             return {"status": "ok", "action": event,
-                    "detail": "GEM is training-free; corrections are recorded in MODEL_DIR/feedback.jsonl"}
+                    "detail": "nothing to learn: learning is off (GEM_LEARN), or the project or its Label Studio "
+                              "is unknown to this backend; corrections are recorded in MODEL_DIR/feedback.jsonl"}
         return {"status": "ignored", "action": event}
 
     # -- feedback --------------------------------------------------------------------------
@@ -248,10 +281,115 @@ class GemBackendModel:
             "prediction_model_version": parent[1],
             "model_version": self.model_version,
         }
-        os.makedirs(self.settings.model_dir, exist_ok=True)
-        line = json.dumps(record, ensure_ascii=False, default=str)
-        with self._feedback_lock, open(self.feedback_path, "a", encoding="utf-8") as handle:
-            handle.write(line + "\n")
+        self.feedback.append(json.dumps(record, ensure_ascii=False, default=str))
+
+
+class ProjectLearning:
+    """The model's side of learning: what each project learned (for `prepare`), and the webhook
+    events that feed it, queued for `backend.learning.Learner`."""
+
+    def __init__(self, model: "GemBackendModel"):
+        from .learning import LearnedStates, Learner, LearningStore, source_for
+
+        settings = model.settings
+        self.model = model
+        self.store = LearningStore(settings.model_dir)
+        self.states = LearnedStates(self.store, settings)
+        self.learner = Learner(
+            settings, self.store, predictor=lambda: model._predictor if model.ready else None,
+            source=lambda project: source_for(settings, model.fetcher, project),
+            fetch=lambda url, task_id, project: model.fetcher.fetch(url, task_id=task_id, project_key=project),
+            region_config=lambda: (model.pipeline.region_config if model.pipeline is not None
+                                   else settings.region_config()))
+
+    def learned(self, key: str | None) -> ProjectLearned | None:
+        state = self.states.get(key)
+        if state is None:
+            return None
+        return ProjectLearned(version=state.version, maps=state.maps)
+
+    def remember_project(self, key: str, schema: str | None) -> None:
+        try:
+            self.store.remember_project(key, schema)
+        except Exception as exc:   # /setup must answer even when the state file is unwritable
+            logger.warning("could not record project %s in the learning store: %s", key, exc)
+
+    def _verifiable(self, key: str | None) -> str | None:
+        """Why events of this project cannot be learned, or None when they can."""
+        if not key:
+            return "no project id"
+        if not (self.store.known(key) or self.model.schema(key)):
+            return f"project {key} has not connected to this backend (/setup)"
+        access = self.model.fetcher.label_studio(key)
+        if not access.url or not access.token:
+            return "no Label Studio URL and key to verify annotations with (LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY)"
+        return None
+
+    def on_annotation_event(self, event: str, data: Mapping[str, Any]) -> tuple[str | None, str]:
+        from .learning import Job
+
+        key = project_key(_project_id(data))
+        problem = self._verifiable(key)
+        if problem:
+            logger.info("%s not learned: %s", event, problem)
+            return None, ""
+        annotation = data.get("annotation") if isinstance(data.get("annotation"), Mapping) else {}
+        task = data.get("task") if isinstance(data.get("task"), Mapping) else {}
+        jobs = []
+        if event.startswith("ANNOTATIONS_"):   # bulk: a list of annotations, each naming its task
+            for item in data.get("annotations") or ():
+                if isinstance(item, Mapping) and _plain_id(item.get("task")):
+                    jobs.append(Job("task", key, task=_plain_id(item.get("task")), annotation=None))
+        else:
+            task_id = _plain_id(task.get("id")) or _plain_id(annotation.get("task"))
+            annotation_id = _plain_id(annotation.get("id"))
+            if task_id or annotation_id:
+                # DELETED: relearn the task from what is left; the named annotation is gone.
+                jobs.append(Job("task", key, task=task_id,
+                                annotation=None if event == "ANNOTATION_DELETED" else annotation_id))
+        if not jobs:
+            return None, ""
+        accepted = [self.learner.submit(job) for job in jobs[:self.model.settings.learn_queue]]
+        if not all(accepted):
+            return "dropped", "learning queue full; run Start Training to catch up"
+        return "queued", ""
+
+    def on_start_training(self, data: Mapping[str, Any]) -> tuple[str | None, str]:
+        from .learning import Job
+
+        key = project_key(_project_id(data))
+        problem = self._verifiable(key)
+        if problem:
+            logger.info("START_TRAINING not run: %s", problem)
+            return None, ""
+        if not self.learner.submit(Job("rebuild", key)):
+            return "dropped", "learning queue full; try again later"
+        return "queued", (f"relearning project {key} from all its annotations in the background; "
+                          "progress is in the backend log")
+
+
+def _plain_id(value: Any) -> str | None:
+    """An id from a webhook body: an int or digit string, else None (never trust other shapes)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int) and value >= 0:
+        return str(value)
+    if isinstance(value, str) and value.strip().isdigit():
+        return value.strip()
+    return None
+
+
+def _project_id(data: Mapping[str, Any]) -> Any:
+    project = data.get("project")
+    if isinstance(project, Mapping):
+        project = project.get("id")
+    if project is None:
+        for name in ("task", "annotation"):
+            item = data.get(name)
+            if isinstance(item, Mapping) and item.get("project") is not None:
+                project = item.get("project")
+                break
+    return _plain_id(project) if not isinstance(project, str) or "." not in project else project
 
 
 def _parent_prediction(annotation: Mapping[str, Any], task: Mapping[str, Any]) -> tuple[Any, Any]:

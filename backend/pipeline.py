@@ -135,10 +135,14 @@ class ProjectLearned:
     `version`: a short id of this learned state; when set it is appended to the model version of
     the predictions (`<model version>+<version>`), so predictions made with different learned
     data are not taken for one another.
+    `maps`: a `gem_model.learning.LearnedMaps` (visual prototypes and calibrated per-label offsets)
+    applied to the label heatmaps on the patch grid; its calibrated minimum area applies too,
+    unless `region_config` is given.
     """
     prompts: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     region_config: Any = None
     version: str = ""
+    maps: Any = None
 
 
 @dataclass(frozen=True)
@@ -150,6 +154,7 @@ class PredictionJob:
     stored: bool = True                     # Label Studio stores the answer; False for interactive calls
     region_config: Any = None               # None: the pipeline's
     model_version: str = ""                 # "" until prepare fills it in
+    learned_maps: Any = None                # gem_model.learning.LearnedMaps, or None
 
     @property
     def all_prompts(self) -> tuple[str, ...]:
@@ -292,10 +297,13 @@ class PredictionPipeline:
         if learned is not None:
             prompt_plan = _add_learned_prompts(prompt_plan, learned.prompts)
             region_config = learned.region_config
+            if learned.maps is not None and region_config is None:
+                region_config = learned.maps.region_config(self.region_config)
             if learned.version:
                 version = f"{version}+{learned.version}"
         job = PredictionJob(plan=plan, prompts=prompt_plan, project=project_key(project),
-                            stored=context is None, region_config=region_config, model_version=version)
+                            stored=context is None, region_config=region_config, model_version=version,
+                            learned_maps=learned.maps if learned is not None else None)
         check_prompt_limits(list(job.all_prompts), self.settings)
         return job
 
@@ -474,6 +482,9 @@ class PredictionPipeline:
         prompts = list(dict.fromkeys(p for c in controls for lp in c.labels for p in lp.prompts))
         if not prompts:
             return [], []
+        region_config = job.region_config if job.region_config is not None else self.region_config
+        if job.learned_maps is not None:
+            return self._predict_image_learned(encoded, image, controls, job, report, prompts, region_config)
         started = time.perf_counter()
         with self._model_lock:
             similarity = np.asarray(self.predictor.similarity(encoded, prompts), dtype=np.float32)  # [P, H0, W0]
@@ -482,7 +493,6 @@ class PredictionPipeline:
             raise TaskError(f"similarity maps are {similarity.shape[1:]} for an image of "
                             f"{(image.height, image.width)}", reason="model")
         index = {p: k for k, p in enumerate(prompts)}
-        region_config = job.region_config if job.region_config is not None else self.region_config
         rgb = None
         results: list[dict] = []
         scores: list[float] = []
@@ -505,6 +515,46 @@ class PredictionPipeline:
             items = encode_regions(control.control, extracted[group].regions, image.width, image.height)
             self._time(report, "encode", time.perf_counter() - started)
             results.extend(items)
+        return results, scores
+
+    def _predict_image_learned(self, encoded: Any, image: FetchedImage, controls: Sequence[ControlPrompts],
+                               job: PredictionJob, report: PredictReport, prompts: list[str],
+                               region_config: Any) -> tuple[list[dict], list[float]]:
+        """`_predict_image` with the project's learned maps: text and prototype evidence are blended
+        on the patch grid (gem_model.learning), then upsampled as plain text maps are."""
+        started = time.perf_counter()
+        with self._model_lock:
+            features = self.predictor.patch_embeddings(encoded)                      # [h, w, D]
+            text = self.predictor.text_embeddings(prompts)                           # [P, D]
+        grid_sims = np.einsum("hwd,pd->phw", features, text)                         # [P, h, w]
+        self._time(report, "model", time.perf_counter() - started)
+        index = {p: k for k, p in enumerate(prompts)}
+        rgb = None
+        results: list[dict] = []
+        scores: list[float] = []
+        extracted: dict[tuple, Any] = {}
+        for control in controls:
+            group = tuple((lp.label, lp.prompts) for lp in control.labels)
+            if group not in extracted:
+                started = time.perf_counter()
+                labels = [lp.label for lp in control.labels]
+                text_maps = np.stack([grid_sims[[index[p] for p in lp.prompts]].max(axis=0)
+                                      for lp in control.labels])                              # [L, h, w]
+                grid_maps = job.learned_maps.heatmaps(features, text_maps, labels, region_config.min_similarity)
+                with self._model_lock:
+                    heatmaps = np.asarray(self.predictor.upsample(grid_maps, encoded), dtype=np.float32)
+                if heatmaps.shape[1:] != (image.height, image.width):
+                    raise TaskError(f"learned maps are {heatmaps.shape[1:]} for an image of "
+                                    f"{(image.height, image.width)}", reason="model")
+                if rgb is None:
+                    rgb = np.asarray(image.image)
+                extracted[group] = self.extract(heatmaps, labels=labels, config=region_config, image=rgb,
+                                                prompts={lp.label: "; ".join(lp.prompts) for lp in control.labels})
+                scores.append(float(extracted[group].score))
+                self._time(report, "postprocess", time.perf_counter() - started)
+            started = time.perf_counter()
+            results.extend(encode_regions(control.control, extracted[group].regions, image.width, image.height))
+            self._time(report, "encode", time.perf_counter() - started)
         return results, scores
 
     # -- bookkeeping ------------------------------------------------------------------------------

@@ -225,7 +225,7 @@ def create_app(settings: Settings, model: GemBackendModel | None = None, load: b
         ids = [t.get("id") for t in tasks]
         g.log.update(project=project, tasks=len(tasks), task_ids=ids[:_LOGGED_TASK_IDS])
         if not tasks:
-            return jsonify({"results": [], "model_version": model.model_version})
+            return jsonify({"results": [], "model_version": model.version_for(project)})
         try:
             predictions, report = model.predict_with_report(tasks, context, label_config=label_config,
                                                             project=project)
@@ -242,7 +242,9 @@ def create_app(settings: Settings, model: GemBackendModel | None = None, load: b
         for prediction in predictions:
             for item in prediction.get("result", ()):
                 metrics.regions.inc(type=item["type"])
-        return jsonify({"results": predictions, "model_version": model.model_version})
+        # Per project: the base version plus the project's learned state (the same in every entry).
+        version = predictions[0].get("model_version") if predictions else model.version_for(project)
+        return jsonify({"results": predictions, "model_version": version})
 
     @app.post("/webhook")
     def webhook() -> Response:

@@ -259,6 +259,33 @@ class Settings:
                                "`X-Webhook-Secret` header (Label Studio sends annotation webhooks without "
                                "basic auth); empty = /webhook is open", group="Server", secret=True)
 
+    # Learning from annotations
+    learn: bool = knob("GEM_LEARN", True,
+                       "learn per project from the annotations Label Studio reports to /webhook (calibrated "
+                       "thresholds, visual prototypes); needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY (or /setup's), "
+                       "since every annotation is fetched back from Label Studio before it is used",
+                       parse=_bool, group="Learning")
+    learn_prototypes: bool = knob("GEM_LEARN_PROTOTYPES", True,
+                                  "blend visual prototypes (mean GEM embeddings of annotated regions) into the "
+                                  "label heatmaps; false = calibration only", parse=_bool, group="Learning")
+    learn_max_examples: int = knob("GEM_LEARN_MAX_EXAMPLES", 32,
+                                   "annotated tasks kept per label (the newest); older ones are forgotten",
+                                   unit="tasks", parse=_int(1, 10000), group="Learning")
+    learn_prior: float = knob("GEM_LEARN_PRIOR", 0.25,
+                              "weight of a label's text against its examples, in examples: the prototypes get "
+                              "n / (n + prior) of the heatmap with n examples", parse=_float(minimum=0.0),
+                              group="Learning")
+    learn_queue: int = knob("GEM_LEARN_QUEUE", 256,
+                            "annotation events waiting to be learned per worker; when full, new ones are dropped "
+                            "(logged) and START_TRAINING catches up", unit="events", parse=_int(1, 1000000),
+                            group="Learning")
+    feedback_max_mb: float = knob("GEM_FEEDBACK_MAX_MB", 20.0,
+                                  "size at which MODEL_DIR/feedback.jsonl is rotated; 0 = no feedback log",
+                                  unit="MiB", parse=_float(minimum=0.0), group="Learning")
+    feedback_backups: int = knob("GEM_FEEDBACK_BACKUPS", 3,
+                                 "rotated feedback logs kept (feedback.jsonl.1 is the newest)",
+                                 unit="files", parse=_int(0, 100), group="Learning")
+
     # Region post-processing overrides, as (RegionConfig field, value) pairs; empty = its defaults.
     region_overrides: tuple[tuple[str, Any], ...] = ()
 
