@@ -449,7 +449,7 @@ class Learner:
         source = self.source(project)
         if source is None:
             raise LearningError("no Label Studio to verify annotations with: set LABEL_STUDIO_URL and "
-                                "LABEL_STUDIO_API_KEY")
+                                "LABEL_STUDIO_API_KEY (the backend's own key)")
         return source
 
     def _predictor(self):
@@ -686,8 +686,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     fetcher = ImageFetcher(settings)
     predictor = _load_predictor(settings)
-    learner = Learner(settings, store, lambda: predictor, lambda p: source_for(settings, fetcher, p),
-                      fetcher.fetch, settings.region_config)
+    learner = Learner(settings, store, lambda: predictor, lambda p: source_for(settings, p),
+                      lambda url, task_id, p: fetcher.decode(fetcher.download(url, task_id=task_id, project_key=p)),
+                      settings.region_config)
     version = learner.rebuild(project)
     print(f"project {project}: rebuilt, version l{version}")
     return 0
@@ -705,12 +706,14 @@ def _load_predictor(settings: Settings):
                                       cache_bytes=0)
 
 
-def source_for(settings: Settings, fetcher: Any, project: str | None) -> LabelStudioSource | None:
-    """The project's Label Studio with the backend's key (environment first, then /setup's)."""
-    access = fetcher.label_studio(project)
-    if not access.url or not access.token:
+def source_for(settings: Settings, project: str | None = None) -> LabelStudioSource | None:
+    """Label Studio with the backend's OWN key (LABEL_STUDIO_URL + LABEL_STUDIO_API_KEY), or None.
+
+    Never /setup's hostname and token: /setup is open, and a caller who could name the host the
+    annotations are read from could feed the learner anything."""
+    if not settings.label_studio_url or not settings.label_studio_api_key:
         return None
-    return LabelStudioSource(access.url, access.token, timeout=settings.fetch_timeout)
+    return LabelStudioSource(settings.label_studio_url, settings.label_studio_api_key, timeout=settings.fetch_timeout)
 
 
 if __name__ == "__main__":

@@ -297,8 +297,9 @@ class ProjectLearning:
         self.states = LearnedStates(self.store, settings)
         self.learner = Learner(
             settings, self.store, predictor=lambda: model._predictor if model.ready else None,
-            source=lambda project: source_for(settings, model.fetcher, project),
-            fetch=lambda url, task_id, project: model.fetcher.fetch(url, task_id=task_id, project_key=project),
+            source=lambda project: source_for(settings, project),
+            fetch=lambda url, task_id, project: model.fetcher.decode(
+                model.fetcher.download(url, task_id=task_id, project_key=project)),
             region_config=lambda: (model.pipeline.region_config if model.pipeline is not None
                                    else settings.region_config()))
 
@@ -320,9 +321,9 @@ class ProjectLearning:
             return "no project id"
         if not (self.store.known(key) or self.model.schema(key)):
             return f"project {key} has not connected to this backend (/setup)"
-        access = self.model.fetcher.label_studio(key)
-        if not access.url or not access.token:
-            return "no Label Studio URL and key to verify annotations with (LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY)"
+        settings = self.model.settings
+        if not settings.label_studio_url or not settings.label_studio_api_key:
+            return "no Label Studio URL and key of its own to verify annotations with (LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY)"
         return None
 
     def on_annotation_event(self, event: str, data: Mapping[str, Any]) -> tuple[str | None, str]:
