@@ -90,6 +90,8 @@ def compute_model_version(settings: Settings) -> str:
         "precision": settings.precision, "image_size": settings.image_size, "resize": settings.resize_mode,
         "depth": settings.gem_depth, "ss_iter": settings.ss_attn_iter, "ss_temp": settings.ss_attn_temp,
         "outputs": list(settings.outputs), "regions": region,
+        "method": settings.method, "pamr": settings.pamr_iters,
+        "slide": [settings.slide_crop, settings.slide_stride] if settings.slide_crop else 0,
     }, sort_keys=True, default=str)
     digest = hashlib.sha256(key.encode()).hexdigest()[:8]
     return f"gem-{settings.model_name}-{weights}-{settings.image_size}-{digest}"
@@ -230,7 +232,9 @@ def load_predictor(settings: Settings):
     model = gem_model.create_gem_model(
         model_name=s.model_name, pretrained=pretrained, device=s.device, gem_depth=s.gem_depth,
         ss_attn_iter=s.ss_attn_iter, ss_attn_temp=s.ss_attn_temp, precision=s.precision,
-        model_config=s.model_config or None, cache_dir=s.weights_dir)
+        model_config=s.model_config or None, cache_dir=s.weights_dir, mode=s.method,
+        slide_crop=s.slide_crop, slide_stride=s.slide_stride if s.slide_crop else 0,
+        pamr_iters=s.pamr_iters)
     predictor = gem_model.HeatmapPredictor(model, image_size=s.image_size, resize_mode=s.resize_mode,
                                            cache_bytes=int(s.feature_cache_mb * 2**20))
     # One tiny pass moves first-request costs (CUDA context, kernels) into load time.

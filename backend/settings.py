@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping
 
 OUTPUT_KINDS = ("brush", "polygon", "rectangle")
 PRECISIONS = ("fp32", "fp16", "bf16")
+MODES = ("gem", "clearclip", "naclip")
 RESIZE_MODES = ("short", "long", "square")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -164,6 +165,22 @@ class Settings:
     ss_attn_temp: float | None = knob("GEM_SS_ATTN_TEMP", None,
                                       "self-self attention temperature; empty = adaptive",
                                       parse=_float(minimum=0.0, optional=True), group="Model")
+    method: str = knob("GEM_METHOD", "gem",
+                       "training-free method: `gem`, `clearclip` (q-q attention, no residual, no FFN in the "
+                       "last block) or `naclip` (neighbourhood Gaussian attention, no FFN); see docs/GEM.md",
+                       parse=_choice(MODES), group="Model")
+    slide_crop: int = knob("GEM_SLIDE_CROP", 0,
+                           "sliding-window side for big images with small objects (a multiple of the patch "
+                           "size, e.g. 448); 0 = off (the whole image in one pass)",
+                           unit="px", parse=_int(0, 4096), group="Model")
+    slide_stride: int = knob("GEM_SLIDE_STRIDE", 224,
+                             "step between sliding windows (a multiple of the patch size, at most "
+                             "GEM_SLIDE_CROP); used only when GEM_SLIDE_CROP is set",
+                             unit="px", parse=_int(1, 4096), group="Model")
+    pamr_iters: int = knob("GEM_PAMR_ITERS", 0,
+                           "PAMR mask refinement: iterations of image-guided smoothing of the heatmaps at "
+                           "the model's input resolution (10 in the paper); 0 = off",
+                           parse=_int(0, 100), group="Model")
     batch_size: int = knob("GEM_BATCH_SIZE", 8, "images encoded per model call", unit="images",
                            parse=_int(1, 1024), group="Model")
     torch_threads: int = knob("GEM_TORCH_THREADS", 0,

@@ -256,3 +256,33 @@ def test_torch_threads_setting_is_applied_when_the_model_loads(tiny_model_files,
     model = GemBackendModel(settings)
     model.load()
     assert model.ready and calls == [1]
+
+
+def test_mode_slide_and_pamr_settings_reach_the_model_and_the_version(tiny_model_files, tmp_path):
+    from backend.pipeline import compute_model_version, load_predictor
+    from backend.settings import MODES
+    from gem_model.model import MODES as LIBRARY_MODES
+
+    assert MODES == LIBRARY_MODES
+    base = Settings.from_env({})
+    assert (base.method, base.slide_crop, base.pamr_iters) == ("gem", 0, 0)
+    with pytest.raises(SettingsError, match="GEM_METHOD"):
+        Settings.from_env({"GEM_METHOD": "sclip"})
+    from backend.settings import settings_rows
+    names = [row[1] for row in settings_rows()]
+    assert len(names) == len(set(names)), "two settings share an environment variable"
+    versions = {compute_model_version(Settings.from_env(env)) for env in (
+        {}, {"GEM_METHOD": "naclip"}, {"GEM_SLIDE_CROP": "448"},
+        {"GEM_SLIDE_CROP": "448", "GEM_SLIDE_STRIDE": "112"}, {"GEM_PAMR_ITERS": "10"})}
+    assert len(versions) == 5
+    # The stride alone changes nothing while sliding windows are off.
+    assert compute_model_version(Settings.from_env({"GEM_SLIDE_STRIDE": "112"})) == compute_model_version(base)
+
+    name, config_path, checkpoint = tiny_model_files
+    settings = Settings.from_env({"GEM_MODEL": name, "GEM_MODEL_CONFIG": str(config_path),
+                                  "GEM_PRETRAINED": str(checkpoint), "GEM_DEVICE": "cpu",
+                                  "GEM_IMAGE_SIZE": "32", "MODEL_DIR": str(tmp_path),
+                                  "GEM_METHOD": "clearclip", "GEM_SLIDE_CROP": "32", "GEM_SLIDE_STRIDE": "16",
+                                  "GEM_PAMR_ITERS": "3"})
+    model = load_predictor(settings).model
+    assert (model.mode, model.slide_crop, model.slide_stride, model.pamr_iters) == ("clearclip", 32, 16, 3)
