@@ -71,6 +71,6 @@ def pamr(image: torch.Tensor, masks: torch.Tensor, iterations: int = 10,
         padded = F.pad(masks, (pad, pad, pad, pad), mode="replicate")
         out = torch.zeros_like(masks)
         for n, (dy, dx) in enumerate(offsets):
-            out += alpha[:, n:n + 1] * _shifted(padded, pad, dy, dx, height, width)
+            out.addcmul_(alpha[:, n:n + 1], _shifted(padded, pad, dy, dx, height, width))
         masks = out
     return masks
