@@ -25,18 +25,19 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import json
 import logging
 import threading
 import time
 from dataclasses import dataclass
-from urllib.parse import unquote_to_bytes, urljoin, urlsplit, urlunsplit
+from urllib.parse import unquote_to_bytes, urljoin
 
 import numpy as np
 import requests
 import urllib3
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .ls_client import (LabelStudioAccess, LabelStudioCredentials, jwt_claims, origin,  # noqa: F401
+                        redact, request_access_token)
 from .settings import Settings
 from .urlguard import BlockedURLError, GuardedAdapter, UnresolvableHostError, UrlGuard
 
@@ -44,9 +45,6 @@ logger = logging.getLogger(__name__)
 
 CLOUD_SCHEMES = ("s3", "gs", "azure-blob", "azure-spi")
 REDIRECT_CODES = (301, 302, 303, 307, 308)
-# Renew a personal-access-token's access token this long before it expires (LS gives 300 s).
-ACCESS_TOKEN_MARGIN_S = 30.0
-ACCESS_TOKEN_FALLBACK_LIFETIME_S = 240.0
 _CHUNK = 64 * 1024
 MAX_REMEMBERED_PROJECTS = 256
 
@@ -64,136 +62,6 @@ class FetchedImage:
     image: Image.Image          # RGB, EXIF orientation applied
     width: int                  # size after EXIF orientation: what Label Studio displays
     height: int
-
-
-@dataclass(frozen=True)
-class LabelStudioAccess:
-    url: str                    # base URL without trailing slash, "" when unknown
-    token: str                  # legacy token or personal access token, "" when unknown
-
-
-def origin(url: str) -> tuple[str, str, int | None]:
-    """(scheme, host, port) with default ports filled in: the unit of trust for the LS token."""
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    try:
-        port = parts.port
-    except ValueError:
-        port = None
-    if port is None:
-        port = {"http": 80, "https": 443}.get(scheme)
-    return scheme, (parts.hostname or "").lower(), port
-
-
-def redact(url: str, keep_query: bool = False) -> str:
-    """URL for logs and error messages: no credentials, and no query (signatures live there)."""
-    if url.startswith("data:"):
-        return "data:..."
-    try:
-        parts = urlsplit(url)
-        netloc = parts.hostname or ""
-        if ":" in netloc:
-            netloc = f"[{netloc}]"
-        if parts.port:
-            netloc += f":{parts.port}"
-    except ValueError:
-        return "<malformed URL>"
-    path = parts.path if len(parts.path) <= 200 else parts.path[:200] + "..."
-    return urlunsplit((parts.scheme, netloc, path, parts.query if keep_query else "", ""))
-
-
-def _b64url_json(segment: str) -> dict | None:
-    try:
-        data = json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
-    except (ValueError, binascii.Error, UnicodeDecodeError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def jwt_claims(token: str) -> dict | None:
-    """Claims of a JWT-shaped token (no signature check: we only need its type and expiry)."""
-    parts = token.split(".")
-    if len(parts) != 3 or not all(parts[:2]):
-        return None
-    header = _b64url_json(parts[0])
-    if header is None or "alg" not in header:
-        return None
-    return _b64url_json(parts[1]) or {}
-
-
-class LabelStudioCredentials:
-    """Turns a configured token into the Authorization header value, refreshing PAT access tokens.
-
-    The refresh is a network call, so it never runs under the lock that guards the cache: a slow
-    Label Studio then delays only the requests that need that very token, and only until their
-    own deadline. One lock per token makes concurrent requests wait for one refresh, not start many.
-    """
-
-    MAX_TOKENS = 256   # cached access tokens (tokens may come from an open /setup: stay bounded)
-
-    def __init__(self):
-        self._lock = threading.Lock()   # guards the two dicts below; held for dict operations only
-        self._access: dict[tuple[str, str], tuple[str, float]] = {}   # (LS url, PAT) -> (access, expires at)
-        self._refreshing: dict[tuple[str, str], threading.Lock] = {}  # (LS url, PAT) -> its refresh lock
-
-    @staticmethod
-    def is_personal_access_token(token: str) -> bool:
-        claims = jwt_claims(token)
-        return claims is not None and claims.get("token_type", "refresh") == "refresh"
-
-    def header(self, access: LabelStudioAccess, fetcher: "ImageFetcher", deadline: float) -> str | None:
-        token = access.token
-        if not token:
-            return None
-        claims = jwt_claims(token)
-        if claims is None:
-            return f"Token {token}"
-        if claims.get("token_type") == "access":  # someone passed an access token itself
-            return f"Bearer {token}"
-        key = (access.url, token)
-        with self._lock:
-            cached = self._cached(key)
-            if cached:
-                return cached
-            refresh_lock = self._refreshing.get(key)
-            if refresh_lock is None:
-                refresh_lock = self._refreshing[key] = threading.Lock()
-                self._bound(self._refreshing, keep=lambda lock: lock.locked())
-        if not refresh_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
-            raise ImageFetchError(f"timed out waiting for Label Studio to renew the access token "
-                                  f"({redact(access.url)})", reason="timeout")
-        try:
-            with self._lock:   # another request may have renewed it while this one waited
-                cached = self._cached(key)
-            if cached:
-                return cached
-            new_access = fetcher._refresh_access_token(access, deadline)
-            exp = (jwt_claims(new_access) or {}).get("exp")
-            expires = (float(exp) if isinstance(exp, (int, float)) else time.time() + ACCESS_TOKEN_FALLBACK_LIFETIME_S)
-            with self._lock:
-                self._access[key] = (new_access, expires - ACCESS_TOKEN_MARGIN_S)
-                self._bound(self._access)
-            return f"Bearer {new_access}"
-        finally:
-            refresh_lock.release()
-
-    def invalidate(self, access: LabelStudioAccess, header: str | None) -> None:
-        """Forget the cached access token `header` carried (Label Studio refused it), unless
-        another request has renewed it since: the next header() then refreshes once."""
-        with self._lock:
-            key = (access.url, access.token)
-            cached = self._access.get(key)
-            if cached and header == f"Bearer {cached[0]}":
-                del self._access[key]
-
-    def _cached(self, key: tuple[str, str]) -> str | None:
-        cached = self._access.get(key)
-        return f"Bearer {cached[0]}" if cached and cached[1] > time.time() else None
-
-    def _bound(self, table: dict, keep=lambda value: False) -> None:
-        for old in list(table)[:max(0, len(table) - self.MAX_TOKENS)]:
-            if not keep(table[old]):
-                del table[old]
 
 
 class ImageFetcher:
@@ -320,7 +188,7 @@ class ImageFetcher:
             on_ls = ls_origin is not None and origin(url) == ls_origin
             # identity: images are compressed already, and it leaves no gzip bomb to inflate.
             headers = {"Accept": "image/*,*/*;q=0.8", "Accept-Encoding": "identity"}
-            auth = self.credentials.header(access, self, deadline) if on_ls else None
+            auth = self._auth_header(access, deadline) if on_ls else None
             if auth:
                 headers["Authorization"] = auth
             response = self._send("GET", url, deadline, access, headers=headers, stream=True)
@@ -412,27 +280,15 @@ class ImageFetcher:
                                   reason="connection") from None
         return buffer.getvalue()
 
+    def _auth_header(self, access: LabelStudioAccess, deadline: float) -> str | None:
+        """The Authorization value for Label Studio (backend/ls_client.py), refreshing a personal
+        access token through this fetcher's guarded transport."""
+        return self.credentials.header(access, deadline, refresh=self._refresh_access_token, error=ImageFetchError)
+
     def _refresh_access_token(self, access: LabelStudioAccess, deadline: float) -> str:
-        if not access.url:
-            raise ImageFetchError("a personal access token needs LABEL_STUDIO_URL to be refreshed", reason="config")
-        url = access.url + "/api/token/refresh/"
-        self.check_url(url, access)
-        response = self._send("POST", url, deadline, access, json={"refresh": access.token})
-        try:
-            if response.status_code != 200:
-                raise ImageFetchError(
-                    f"Label Studio refused the personal access token (HTTP {response.status_code} from "
-                    f"{redact(url)}); check LABEL_STUDIO_API_KEY", reason="auth")
-            try:
-                new_access = response.json()["access"]
-            except (ValueError, KeyError, TypeError):
-                raise ImageFetchError(f"unexpected answer from {redact(url)}: no access token",
-                                      reason="auth") from None
-            if not isinstance(new_access, str) or not new_access:
-                raise ImageFetchError(f"unexpected answer from {redact(url)}: no access token", reason="auth")
-            return new_access
-        finally:
-            response.close()
+        if access.url:
+            self.check_url(access.url + "/api/token/refresh/", access)
+        return request_access_token(access, deadline, self._send, error=ImageFetchError)
 
     def _data_uri(self, url: str) -> bytes:
         header, sep, payload = url.partition(",")
