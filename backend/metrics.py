@@ -161,6 +161,15 @@ class BackendMetrics:
             "gem_model_load_seconds", "time the model took to load"))
         self.webhooks = r.register(Counter(
             "gem_webhook_events_total", "webhook events by action and handling", ("action", "handling")))
+        self.background_queued = r.register(Gauge(
+            "gem_background_queued_tasks", "tasks waiting to be finished in the background (this process)"))
+        self.background_tasks = r.register(Counter(
+            "gem_background_tasks_total",
+            "tasks the background finisher handled, by outcome: done (stored), failed, skipped (already stored), "
+            "dropped (left at shutdown)", ("outcome",)))
+        self.deferred = r.register(Counter(
+            "gem_deferred_tasks_total", "tasks /predict had no time for, by what became of them "
+            "(queued, queue_full, unavailable)", ("handling",)))
         self.process = r.register(Gauge("gem_process_info", "constant 1; labels identify this process", ("pid",)))
         self.process.set(1, pid=str(os.getpid()))
 

@@ -6,11 +6,15 @@ model; the model loads in a background thread as soon as the app is created.
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
 import hmac
 import json
 import logging
+import os
 import re
+import sqlite3
+import tempfile
 import time
 import uuid
 from types import SimpleNamespace
@@ -19,7 +23,10 @@ from typing import Any
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from .background import BackgroundFinisher, BudgetedBatch
+from .claims import ClaimStore
 from .label_config import LabelConfigError, parse_label_config
+from .ls_client import LabelStudioClient, LabelStudioError
 from .metrics import BackendMetrics
 from .model import (ANNOTATION_EVENTS, TRAINING_EVENTS, GemBackendModel, ModelNotReady, RequestLimitError,
                     check_prompt_limits)
@@ -107,10 +114,18 @@ def create_app(settings: Settings, model: GemBackendModel | None = None, load: b
             metrics.model_load_seconds.set(model.load_seconds or 0.0)
     metrics = model.metrics
 
+    claims = _claim_store(settings)
+    client, why = _label_studio_client(settings)
+    finisher = BackgroundFinisher(lambda: model.pipeline, client, claims, settings.background_queue,
+                                  metrics=metrics, unavailable=why, batch_tasks=max(2 * settings.batch_size, 8))
+    batch = BudgetedBatch(model, finisher, claims, settings.predict_budget, metrics=metrics)
+    atexit.register(finisher.close)   # gunicorn worker exit, Ctrl-C: queued tasks are asked for again later
+
     app = Flask("backend")
     app.config["MAX_CONTENT_LENGTH"] = int(settings.max_request_mb * 1024 * 1024)
     app.json.sort_keys = False
-    app.extensions["gem"] = SimpleNamespace(settings=settings, model=model, metrics=metrics)
+    app.extensions["gem"] = SimpleNamespace(settings=settings, model=model, metrics=metrics, finisher=finisher,
+                                            claims=claims, batch=batch)
 
     @app.before_request
     def _start() -> Response | None:
@@ -227,8 +242,11 @@ def create_app(settings: Settings, model: GemBackendModel | None = None, load: b
         if not tasks:
             return jsonify({"results": [], "model_version": model.version_for(project)})
         try:
-            predictions, report = model.predict_with_report(tasks, context, label_config=label_config,
-                                                            project=project)
+            if context is None:   # Retrieve Predictions / opening a task: stored, so within the time budget
+                predictions, report = batch.predict(tasks, label_config=label_config, project=project)
+            else:
+                predictions, report = model.predict_with_report(tasks, context, label_config=label_config,
+                                                                project=project)
         except (LabelConfigError, RequestLimitError) as exc:
             raise ApiError(422, str(exc)) from None
         except ModelNotReady as exc:
@@ -238,6 +256,7 @@ def create_app(settings: Settings, model: GemBackendModel | None = None, load: b
                      results=sum(o.results for o in report.outcomes),
                      failed=failed[:_LOGGED_TASK_IDS],
                      timings_ms={k: round(v * 1000, 1) for k, v in report.timings.items()},
+                     deferred=len(report.deferred),
                      outcome="ok" if not failed else ("partial" if len(failed) < len(tasks) else "failed"))
         for prediction in predictions:
             for item in prediction.get("result", ()):
@@ -275,6 +294,33 @@ def create_app(settings: Settings, model: GemBackendModel | None = None, load: b
 
 
 # -- helpers ------------------------------------------------------------------------------------
+
+
+def _claim_store(settings: Settings) -> ClaimStore:
+    """Task claims shared by this MODEL_DIR's processes (backend/claims.py); a private file if unwritable."""
+    try:
+        return ClaimStore(os.path.join(settings.model_dir, "claims.sqlite"))
+    except (OSError, sqlite3.Error) as exc:
+        path = os.path.join(tempfile.gettempdir(), f"gem-claims-{os.getpid()}.sqlite")
+        logger.warning("MODEL_DIR %s is not writable (%s): task claims are kept in %s, so several workers may "
+                       "compute the same task", settings.model_dir, exc, path)
+        return ClaimStore(path)
+
+
+def _label_studio_client(settings: Settings) -> tuple[LabelStudioClient | None, str]:
+    """The client the background finisher stores predictions with, or (None, why not)."""
+    missing = [name for name, value in (("LABEL_STUDIO_URL", settings.label_studio_url),
+                                        ("LABEL_STUDIO_API_KEY", settings.label_studio_api_key)) if not value]
+    if missing:
+        why = (f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set, so the backend cannot "
+               "store predictions itself")
+        logger.info("tasks a /predict has no time for (GEM_PREDICT_BUDGET=%g s) will not be finished in the "
+                    "background: %s", settings.predict_budget, why)
+        return None, why
+    try:
+        return LabelStudioClient.from_settings(settings), ""
+    except LabelStudioError as exc:
+        return None, str(exc)
 
 
 def _request_id() -> str:

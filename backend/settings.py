@@ -220,6 +220,17 @@ class Settings:
                             "how long /predict waits for a model that is still loading before answering 503",
                             unit="s", parse=_float(minimum=0.0), group="Prediction")
 
+    predict_budget: float = knob("GEM_PREDICT_BUDGET", 80.0,
+                                 "seconds a batch /predict may work before it answers; tasks it has no time for "
+                                 "are answered without `result` (Label Studio stores nothing) and finished in "
+                                 "the background (needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY). Keep it "
+                                 "below Label Studio's ML_TIMEOUT_PREDICT (100 s); 0 = no limit",
+                                 unit="s", parse=_float(minimum=0.0), group="Prediction")
+    background_queue: int = knob("GEM_BACKGROUND_QUEUE", 10000,
+                                 "most tasks waiting to be finished in the background per worker process; "
+                                 "more are left for the next Retrieve Predictions; 0 = no background finishing",
+                                 unit="tasks", parse=_int(0, 10_000_000), group="Prediction")
+
     # Images
     fetch_timeout: float = knob("GEM_FETCH_TIMEOUT", 30.0, "time limit for downloading one image, all hops",
                                 unit="s", parse=_float(minimum=0.1), group="Images")

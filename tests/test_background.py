@@ -1,0 +1,202 @@
+"""Batch /predict within GEM_PREDICT_BUDGET; the background finisher; task claims."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from backend.claims import ClaimStore
+from backend.metrics import BackendMetrics
+from backend.model import GemBackendModel
+from backend.server import create_app
+from backend.settings import Settings
+from backend_fixtures import BRUSH_CONFIG, FakePredictor, data_uri, fake_extract_regions, square_image
+from fake_label_studio import FakeLabelStudio
+
+TOKEN = "legacy-token-0123456789"
+VERSION = "gem-test-v1"
+
+
+class SlowPredictor(FakePredictor):
+    def __init__(self, seconds: float):
+        super().__init__()
+        self.seconds = seconds
+
+    def encode(self, images, batch_size=8):
+        time.sleep(self.seconds * len(images))
+        return super().encode(images, batch_size)
+
+
+@pytest.fixture
+def fake_ls():
+    server = FakeLabelStudio(token=TOKEN, label_config=BRUSH_CONFIG)
+    yield server
+    server.close()
+
+
+def _app(tmp_path, predictor=None, **settings):
+    s = Settings(model_dir=str(tmp_path), model_version=VERSION, batch_size=2, **settings)
+    model = GemBackendModel(s, predictor=predictor or FakePredictor(), region_extractor=fake_extract_regions)
+    app = create_app(s, model=model, load=False)
+    return app, app.extensions["gem"]
+
+
+def _tasks(fake_ls, n: int) -> list[dict]:
+    ids = fake_ls.add_tasks([{"image": data_uri(square_image())} for _ in range(n)])
+    return [{"id": i, "data": fake_ls.tasks[i]["data"], "predictions": []} for i in ids]
+
+
+def _predict(client, tasks):
+    reply = client.post("/predict", json={"tasks": tasks, "project": "1.1712345678", "label_config": BRUSH_CONFIG})
+    assert reply.status_code == 200, reply.get_data(as_text=True)
+    return reply.get_json()["results"]
+
+
+def _wait(condition, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError("timed out waiting")
+
+
+# -- claims -----------------------------------------------------------------------------------
+
+
+def test_a_claimed_task_is_given_to_one_owner_only(tmp_path):
+    a = ClaimStore(str(tmp_path / "c.sqlite"))
+    b = ClaimStore(str(tmp_path / "c.sqlite"))
+    assert a.claim([1, 2, 3], "v") == {"1", "2", "3"}
+    assert b.claim([2, 3, 4], "v") == {"4"}
+    assert b.claim([2], "other-version") == {"2"}       # per model version
+    assert b.held_by_others([1, 2, 4], "v") == {"1", "2"}
+    a.release([2], "v")
+    assert b.claim([2], "v") == {"2"}
+    a.release_all()
+    assert b.held_by_others([1, 3], "v") == set()
+
+
+def test_claims_expire_and_die_with_their_process(tmp_path):
+    path = str(tmp_path / "c.sqlite")
+    short = ClaimStore(path, lease_s=0.05)
+    short.claim([1], "v")
+    other = ClaimStore(path)
+    assert other.claim([1], "v") == set()
+    time.sleep(0.1)
+    assert other.claim([1], "v") == {"1"}               # the lease ran out
+    # a claim made by a process that has exited is ignored at once
+    code = ("import sys; from backend.claims import ClaimStore; "
+            f"ClaimStore({str(tmp_path / 'd.sqlite')!r}).claim([7], 'v')")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert ClaimStore(str(tmp_path / "d.sqlite")).claim([7], "v") == {"7"}
+
+
+# -- budget + background --------------------------------------------------------------------------
+
+
+def test_what_the_budget_leaves_is_finished_in_the_background_exactly_once(tmp_path, fake_ls):
+    app, gem = _app(tmp_path, SlowPredictor(0.05), predict_budget=1.0, label_studio_url=fake_ls.url,
+                    label_studio_api_key=TOKEN)
+    client = app.test_client()
+    _predict(client, [{"id": 10**6, "data": {"image": data_uri(square_image())}}])   # first-call costs
+    tasks = _tasks(fake_ls, 40)
+    started = time.monotonic()
+    results = _predict(client, tasks)
+    assert time.monotonic() - started < 1.8          # answered near the budget, not after 2 s of work
+    answered = {t["id"] for t, r in zip(tasks, results) if "result" in r}
+    deferred = {t["id"] for t, r in zip(tasks, results) if "result" not in r}
+    assert answered and deferred and len(answered) + len(deferred) == 40
+    assert all("finishing in the background" in r["error"] for r in results if "result" not in r)
+
+    # Label Studio asks again while the job runs: nothing is computed twice, nothing answered twice.
+    again = _predict(client, [t for t in tasks if t["id"] in deferred])
+    assert all("result" not in r for r in again)
+
+    _wait(lambda: gem.finisher.queued() == 0 and not gem.finisher._queued_ids)
+    stored = {p["task"] for p in fake_ls.predictions}
+    assert stored == deferred                                    # LS stores the answered ones itself
+    assert all(len(fake_ls.predictions_of(t)) == 1 for t in deferred)
+    assert all(p["model_version"] == VERSION and p["result"] for p in fake_ls.predictions)
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert f'gem_background_tasks_total{{outcome="done"}} {len(deferred)}' in metrics
+    assert "gem_background_queued_tasks 0" in metrics
+    assert f'gem_deferred_tasks_total{{handling="queued"}} {len(deferred)}' in metrics
+    gem.finisher.close()
+
+
+def test_a_task_already_stored_is_not_stored_again(tmp_path, fake_ls):
+    app, gem = _app(tmp_path, SlowPredictor(0.05), predict_budget=0.01, label_studio_url=fake_ls.url,
+                    label_studio_api_key=TOKEN)
+    tasks = _tasks(fake_ls, 6)
+    with fake_ls.lock:   # stored meanwhile (e.g. by the prelabel command)
+        fake_ls._store({"task": tasks[-1]["id"], "result": [], "score": 0.0, "model_version": VERSION})
+    _predict(app.test_client(), tasks)
+    _wait(lambda: gem.finisher.queued() == 0 and not gem.finisher._queued_ids)
+    assert all(len(fake_ls.predictions_of(t["id"])) == 1 for t in tasks)
+    assert gem.finisher.counts["skipped"] >= 1
+    gem.finisher.close()
+
+
+def test_tasks_listing_a_prediction_of_this_version_are_not_answered_again(tmp_path, fake_ls):
+    app, _ = _app(tmp_path)
+    tasks = _tasks(fake_ls, 2)
+    tasks[0]["predictions"] = [{"id": 5, "model_version": VERSION, "result": []}]
+    results = _predict(app.test_client(), tasks)
+    assert "result" not in results[0] and "already holds a prediction" in results[0]["error"]
+    assert results[1]["result"]
+
+
+def test_without_label_studio_access_the_answer_says_what_to_set(tmp_path, fake_ls, caplog):
+    app, gem = _app(tmp_path, SlowPredictor(0.05), predict_budget=0.01)
+    results = _predict(app.test_client(), _tasks(fake_ls, 6))
+    left = [r for r in results if "result" not in r]
+    assert left and all("LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY are not set" in r["error"] for r in left)
+    assert "cannot be finished in the background" in caplog.text
+    assert gem.finisher.queued() == 0
+    # nothing stays claimed: the next Retrieve Predictions may compute them
+    assert ClaimStore(str(tmp_path / "claims.sqlite")).held_by_others([t["id"] for t in _tasks(fake_ls, 0)] or [1],
+                                                                       VERSION) == set()
+
+
+def test_a_full_queue_leaves_the_rest_for_later(tmp_path, fake_ls):
+    app, gem = _app(tmp_path, SlowPredictor(0.2), predict_budget=0.01, background_queue=2,
+                    label_studio_url=fake_ls.url, label_studio_api_key=TOKEN)
+    results = _predict(app.test_client(), _tasks(fake_ls, 8))
+    full = [r for r in results if "result" not in r and "GEM_BACKGROUND_QUEUE=2" in r["error"]]
+    queued = [r for r in results if "result" not in r and "finishing in the background" in r["error"]]
+    assert len(queued) == 2 and len(full) >= 5
+    gem.finisher.close()
+
+
+def test_shutdown_drops_the_queue_and_its_claims(tmp_path, fake_ls):
+    app, gem = _app(tmp_path, SlowPredictor(0.1), predict_budget=0.01, label_studio_url=fake_ls.url,
+                    label_studio_api_key=TOKEN)
+    tasks = _tasks(fake_ls, 20)
+    _predict(app.test_client(), tasks)
+    gem.finisher.close(timeout=10)
+    assert gem.finisher.queued() == 0 and gem.finisher.counts["dropped"] > 0
+    assert not gem.finisher._thread.is_alive()
+    others = ClaimStore(str(tmp_path / "claims.sqlite"))
+    assert others.held_by_others([t["id"] for t in tasks], VERSION) == set()
+    stored = len(fake_ls.predictions)
+    assert stored + gem.finisher.counts["dropped"] + gem.finisher.counts["failed"] <= 20
+    assert gem.finisher.submit(tasks[:1], gem.model.prepare(label_config=BRUSH_CONFIG), 1) == [False]
+
+
+def test_interactive_calls_have_no_budget(tmp_path, fake_ls):
+    app, _ = _app(tmp_path, SlowPredictor(0.05), predict_budget=0.01)
+    tasks = _tasks(fake_ls, 3)
+    reply = app.test_client().post("/predict", json={
+        "tasks": tasks, "project": "1.1", "label_config": BRUSH_CONFIG,
+        "params": {"context": {"result": [{"type": "textarea", "value": {"text": ["left"]}}]}}})
+    assert reply.status_code == 200
+    assert all("result" in r for r in reply.get_json()["results"])
+
+
+def test_metrics_names_are_registered():
+    text = BackendMetrics().render()
+    assert "gem_background_queued_tasks" in text and "gem_background_tasks_total" in text
