@@ -5,6 +5,9 @@ new model version, and Retrieve Predictions recomputes the stale ones.
 The project is the synthetic shapes of bench/bench_learning.py; the model is the tiny random ViT,
 whose text knows nothing, so any gain comes from what was learned.
 """
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -53,7 +56,7 @@ def latest_predictions(ls, task_ids):
     return out
 
 
-def test_annotations_through_label_studio_improve_the_next_predictions(ls, backend):
+def test_annotations_through_label_studio_improve_the_next_predictions(ls, backend, label_studio, tmp_path):
     synthetic = make_project(TRAIN + HELDOUT, seed=21, size=SIZE)
     project = ls.create_project("e2e learning", CONFIG)
     ls.upload_files(project, {f"f{i}": (f"shape{i}.png", encode_png(t.image), "image/png")
@@ -84,6 +87,20 @@ def test_annotations_through_label_studio_improve_the_next_predictions(ls, backe
     assert all(p["model_version"] == new_version for p in after)
     iou_after = mean_iou(after, [truth[i].masks for i in heldout])
     assert iou_after > iou_before + 0.05, (iou_before, iou_after)
+
+    # python -m backend.evaluate reads the project back and compares predictions with annotations.
+    report = tmp_path / "evaluation.json"
+    env = {**os.environ, "LABEL_STUDIO_URL": label_studio.url,
+           "LABEL_STUDIO_API_KEY": label_studio.account.legacy_token, "MODEL_DIR": str(tmp_path / "eval-model")}
+    run = subprocess.run([sys.executable, "-m", "backend.evaluate", "--project", str(project), "--json", str(report)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "| Control | Label |" in run.stdout
+    figures = json.loads(report.read_text())
+    assert figures["compared"] == TRAIN and figures["labels"]
+    for row in figures["labels"]:
+        assert row["kept"] + row["changed"] + row["deleted"] == row["predicted"]
+        assert row["annotated"] > 0 or row["predicted"] > 0
 
     # Start Training relearns the project from all its annotations through the SDK.
     backends = check(ls.get("/api/ml/", params={"project": project}), 200).json()
