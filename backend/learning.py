@@ -302,6 +302,14 @@ class LearnedStates:
             self._cache[project] = (version, state)
         return state
 
+    def project_learned(self, project: str | None):
+        """The project's state as `backend.pipeline.ProjectLearned` for `PredictionPipeline.prepare`,
+        or None when it has learned nothing (any caller of the pipeline can use this)."""
+        from .pipeline import ProjectLearned
+
+        state = self.get(project)
+        return None if state is None else ProjectLearned(version=state.version, maps=state.maps)
+
     def _build(self, project: str, version: int) -> LearnedState:
         from gem_model.learning import LearnedMaps, build_bank
 

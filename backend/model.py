@@ -304,10 +304,7 @@ class ProjectLearning:
                                    else settings.region_config()))
 
     def learned(self, key: str | None) -> ProjectLearned | None:
-        state = self.states.get(key)
-        if state is None:
-            return None
-        return ProjectLearned(version=state.version, maps=state.maps)
+        return self.states.project_learned(key)
 
     def remember_project(self, key: str, schema: str | None) -> None:
         try:
