@@ -15,6 +15,7 @@ suffix); the pipeline never calls back here.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import io
 import json
 import logging
@@ -447,7 +448,11 @@ class Learner:
     # -- work --------------------------------------------------------------------------------
 
     def run_job(self, job: Job) -> None:
-        with self._work_lock:
+        # One job at a time across the gunicorn workers too (a file lock beside the state): two
+        # workers refitting one project at once would each miss the other's newest record.
+        lock_path = os.path.join(os.path.dirname(self.store.path), "learning.lock")
+        with self._work_lock, open(lock_path, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
             if job.kind == "rebuild":
                 self.rebuild(job.project)
             else:

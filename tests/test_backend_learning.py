@@ -268,3 +268,42 @@ def test_results_decode_to_masks():
     assert set(masks) == {"A", "B", "C"}
     assert np.array_equal(masks["B"], expected) and np.array_equal(masks["C"], expected)
     assert result_regions([brush], 20, 40, to_name="other") == []
+
+
+def test_the_learning_queue_is_bounded_and_never_blocks(tmp_path, monkeypatch):
+    import threading
+
+    from backend.learning import Job, Learner
+
+    settings = Settings.from_env({"MODEL_DIR": str(tmp_path), "GEM_LEARN_QUEUE": "1"})
+    learner = Learner(settings, LearningStore(str(tmp_path)), lambda: None, lambda p: None, None, None)
+    release, started = threading.Event(), threading.Event()
+
+    def slow(job):
+        started.set()
+        release.wait(10)
+    monkeypatch.setattr(learner, "run_job", slow)
+    assert learner.submit(Job("task", "1", task="1"))          # taken by the worker thread ...
+    assert started.wait(5)
+    t0 = time.perf_counter()
+    assert learner.submit(Job("task", "1", task="2"))          # ... one waits in the queue ...
+    assert not learner.submit(Job("task", "1", task="3"))      # ... and the next is dropped at once
+    assert time.perf_counter() - t0 < 0.5
+    release.set()
+    assert learner.wait_idle(5)
+
+
+def test_without_its_own_label_studio_key_the_backend_only_logs(tmp_path):
+    from backend_fixtures import FakePredictor, fake_extract_regions
+
+    settings = Settings.from_env({"MODEL_DIR": str(tmp_path / "m"), "LABEL_STUDIO_URL": "http://127.0.0.1:9"})
+    model = GemBackendModel(settings, predictor=FakePredictor(), region_extractor=fake_extract_regions)
+    client = create_app(settings, model, load=False).test_client()
+    # /setup may name a host and a token, but learning never uses them: only the backend's own key.
+    client.post("/setup", json={"project": "1.1", "schema": CONFIG, "hostname": "http://127.0.0.1:9",
+                                "access_token": "setup-token"})
+    assert client.post("/webhook", json=event("ANNOTATION_CREATED", 1, 1, 1)).get_json()["status"] == "recorded"
+    assert client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 1}}).get_json()["status"] == "ok"
+    off = Settings.from_env({"MODEL_DIR": str(tmp_path / "off"), "GEM_LEARN": "false"})
+    assert GemBackendModel(off, predictor=FakePredictor()).learning is None
+    model.close()
