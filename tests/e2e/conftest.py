@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from e2e_support import (  # noqa: E402
     LOOPBACK, LS_VERSION, REPO_ROOT, LabelStudioAccount, LabelStudioAPI, ServerFailed, ServerProcess,
-    StaticFiles, Timings, basic_auth_header, child_env, create_personal_access_token, e2e_required,
-    find_label_studio, free_port, http_ok, stop_all_servers)
+    StaticFiles, Timings, artifacts_dir, basic_auth_header, child_env, create_personal_access_token,
+    e2e_required, find_chromium, find_label_studio, free_port, http_ok, stop_all_servers)
 
 LS_START_TIMEOUT_S = float(os.environ.get("GEM_E2E_LS_TIMEOUT", "240"))
 BACKEND_START_TIMEOUT_S = 120.0
@@ -322,6 +322,54 @@ def web_server(e2e_dir):
 
 
 # ---------------------------------------------------------------------------------------
+# Browser: headless Chromium from Debian's `chromium` package, driven by Playwright
+
+
+@pytest.fixture(scope="session")
+def chromium(_stop_on_sigterm):
+    """A headless Chromium (Playwright `Browser`); skipped without one, failed under GEM_E2E_REQUIRED."""
+    executable = find_chromium()
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError as exc:
+        missing = f"Playwright for Python is not installed ({exc}): pip install -r requirements-dev.txt"
+    else:
+        missing = None if executable else ("no Chromium: apt-get install chromium (Debian), "
+                                           "or set GEM_CHROMIUM=<path to a chromium binary>")
+    if missing:
+        if e2e_required():
+            pytest.fail(f"GEM_E2E_REQUIRED is set but {missing}", pytrace=False)
+        pytest.skip(missing)
+    started = time.monotonic()
+    with sync_playwright() as playwright:
+        # Playwright's own browser download is not used: the system's Chromium, sandbox off
+        # (containers run as root) and /dev/shm left alone (small in containers).
+        browser = playwright.chromium.launch(executable_path=str(executable), headless=True,
+                                             args=["--no-sandbox", "--disable-dev-shm-usage"])
+        TIMINGS.browser_start = time.monotonic() - started
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@pytest.fixture(scope="session")
+def browser_artifacts() -> Path:
+    """Screenshots and recorded calls of the browser tests (CI keeps this folder)."""
+    directory = artifacts_dir() / "browser"
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
+
+
+@pytest.fixture
+def browser_timing(request):
+    """Times a browser test, for the terminal summary."""
+    started = time.monotonic()
+    yield
+    TIMINGS.browser_tests[request.node.name] = time.monotonic() - started
+
+
+# ---------------------------------------------------------------------------------------
 # Reporting
 
 
@@ -334,6 +382,13 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
         write(f"Label Studio {LS_VERSION} ready after {TIMINGS.label_studio_start:.1f} s (fresh data dir)")
     for name, seconds in TIMINGS.backend_starts.items():
         write(f"backend '{name}' ready after {seconds:.1f} s  ({TIMINGS.backend_command})")
+    if TIMINGS.browser_start is not None:
+        write(f"Chromium started in {TIMINGS.browser_start:.1f} s ({find_chromium()}, headless, Playwright)")
+    if TIMINGS.browser_tests:
+        total = sum(TIMINGS.browser_tests.values())
+        write(f"browser tests took {total:.1f} s: " + ", ".join(
+            f"{name} {seconds:.1f} s" for name, seconds in TIMINGS.browser_tests.items())
+            + f"; screenshots in {artifacts_dir() / 'browser'}")
     if TIMINGS.started is not None:
         write(f"e2e suite took {time.monotonic() - TIMINGS.started:.1f} s (servers spawned to stopped)")
     failed = terminalreporter.stats.get("failed") or terminalreporter.stats.get("error")

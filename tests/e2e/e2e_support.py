@@ -9,7 +9,9 @@ from __future__ import annotations
 import base64
 import contextlib
 import io
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -53,6 +55,19 @@ def find_label_studio() -> Path | None:
 
 def e2e_required() -> bool:
     return os.environ.get("GEM_E2E_REQUIRED", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def find_chromium() -> Path | None:
+    """$GEM_CHROMIUM, else Debian's `chromium` package (/usr/bin/chromium); None if neither."""
+    for candidate in (os.environ.get("GEM_CHROMIUM"), "/usr/bin/chromium", shutil.which("chromium")):
+        if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
+            return Path(candidate)
+    return None
+
+
+def artifacts_dir() -> Path:
+    """Where CI keeps what tests leave for people: $GEM_ARTIFACTS_DIR, else <repo>/artifacts."""
+    return Path(os.environ.get("GEM_ARTIFACTS_DIR") or REPO_ROOT / "artifacts").expanduser().absolute()
 
 
 # ---------------------------------------------------------------------------------------
@@ -343,6 +358,98 @@ class _QuietHandler(SimpleHTTPRequestHandler):
         pass
 
 
+class RecordingProxy:
+    """A loopback HTTP proxy in front of the backend that keeps every request Label Studio sends.
+
+    Label Studio is connected to `url`; each call is forwarded unchanged to `target` and kept
+    as an `Exchange` (method, path, JSON body, status, JSON answer), so a test can assert what
+    the labeling UI made Label Studio send, and when.
+    """
+
+    def __init__(self, target: str):
+        self.target = target.rstrip("/")
+        self.exchanges: list[Exchange] = []
+        self._lock = threading.Lock()
+        self.server = ThreadingHTTPServer((LOOPBACK, 0), partial(_ProxyHandler, self))
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, name="e2e-proxy", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.server.server_address[1]}"
+
+    def __enter__(self) -> "RecordingProxy":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def record(self, exchange: "Exchange") -> None:
+        with self._lock:
+            self.exchanges.append(exchange)
+
+    def calls(self, path: str = "/predict") -> list["Exchange"]:
+        with self._lock:
+            return [e for e in self.exchanges if e.path.split("?", 1)[0] == path]
+
+
+@dataclass
+class Exchange:
+    method: str
+    path: str
+    body: Any            # parsed JSON, or None
+    status: int
+    answer: Any          # parsed JSON, or None
+    at: float            # time.monotonic() when the request arrived
+    seconds: float       # until the backend answered
+
+
+class _ProxyHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    _HOP_BY_HOP = {"host", "connection", "keep-alive", "transfer-encoding", "content-length",
+                   "proxy-connection", "te", "trailer", "upgrade", "content-encoding"}
+
+    def __init__(self, proxy: RecordingProxy, *args: Any, **kwargs: Any):
+        self.proxy = proxy
+        super().__init__(*args, **kwargs)
+
+    def _forward(self) -> None:
+        started = time.monotonic()
+        raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in self._HOP_BY_HOP}
+        with requests.Session() as session:
+            session.trust_env = False
+            try:
+                reply = session.request(self.command, self.proxy.target + self.path, data=raw or None,
+                                        headers=headers, timeout=300)
+                status, content = reply.status_code, reply.content
+                content_type = reply.headers.get("Content-Type", "application/json")
+            except requests.RequestException as exc:
+                status, content, content_type = 502, str(exc).encode(), "text/plain"
+        self.proxy.record(Exchange(method=self.command, path=self.path, body=_json_or_none(raw), status=status,
+                                   answer=_json_or_none(content), at=started,
+                                   seconds=time.monotonic() - started))
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(content)))
+        self.end_headers()
+        self.wfile.write(content)
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _forward
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        pass
+
+
+def _json_or_none(raw: bytes) -> Any:
+    try:
+        return json.loads(raw) if raw else None
+    except ValueError:
+        return None
+
+
 # ---------------------------------------------------------------------------------------
 # Test images: strong, deterministic structure so even a random model yields regions.
 
@@ -383,6 +490,8 @@ class Timings:
     label_studio_start: float | None = None
     backend_starts: dict[str, float] = field(default_factory=dict)
     backend_command: str = ""
+    browser_start: float | None = None      # Chromium launch, seconds
+    browser_tests: dict[str, float] = field(default_factory=dict)   # browser test -> seconds
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,0 +1,284 @@
+"""8. The annotator's clicks, in a real browser: headless Chromium on Label Studio's labeling page.
+
+Label Studio is connected to the backend through a recording proxy, so every call the UI makes
+Label Studio send to the backend is checked, and written with what the browser sent to Label
+Studio to `<artifacts>/browser/calls-<test>.json` (docs/E2E.md, "What the labeling UI sends").
+A screenshot of each state goes to the same folder.
+"""
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from e2e_support import (CONTROL_TYPES, RecordingProxy, check, encode_png, labeling_config, pattern_image,
+                         wait_until)
+
+CONFIG = labeling_config()
+PROMPT = "a bright round disc"
+# Tall enough for the regions panel, which only renders the rows in view, to list every region.
+VIEWPORT = {"width": 1280, "height": 1600}
+UI_TIMEOUT_MS = 60_000
+SUGGESTIONS = re.compile(r"^\s*(\d+) suggestions?\s*$")
+
+# Selectors (Label Studio 1.23.2, see /work notes in docs/E2E.md)
+REGION = ".lsf-tree__node"
+REGION_TYPES = {"brush": "lsf-tree__node_type_brushregion", "poly": "lsf-tree__node_type_polygonregion",
+                "rect": "lsf-tree__node_type_rectangleregion"}
+AUTO_ANNOTATION = "input[data-testid=bottombar-auto-annotation-toggle]"
+PROMPT_BOX = "textarea[name=prompt]"
+ADD_PROMPT = "[data-testid=textarea-add-button]"
+ACCEPT = ".lsf-auto-accept__action_type_accept"
+REJECT = ".lsf-auto-accept__action_type_reject"
+SUBMIT = "[data-testid=bottombar-submit-button]"
+
+
+@pytest.fixture(scope="module")
+def proxy(backend):
+    with RecordingProxy(backend.url) as recording:
+        yield recording
+
+
+@pytest.fixture(scope="module")
+def project(ls, proxy) -> dict:
+    """A project with two uploaded images, the backend connected (interactive) through the proxy."""
+    project_id = ls.create_project("e2e browser", CONFIG)
+    ls.upload_files(project_id, {
+        "accept": ("accept.png", encode_png(pattern_image(320, 240, seed=3)), "image/png"),
+        "reject": ("reject.png", encode_png(pattern_image(320, 240, seed=4)), "image/png"),
+    })
+    tasks = sorted(ls.tasks(project_id), key=lambda t: t["id"])
+    ml = check(ls.add_ml_backend(project_id, proxy.url, is_interactive=True), 201).json()
+    return {"id": project_id, "tasks": [t["id"] for t in tasks], "ml": ml["id"]}
+
+
+@pytest.fixture(scope="module")
+def page(chromium, label_studio, project):
+    """A logged-in labeling page; records the browser's calls to Label Studio's API."""
+    context = chromium.new_context(viewport=VIEWPORT)
+    tab = context.new_page()
+    tab.set_default_timeout(UI_TIMEOUT_MS)
+    tab.sent = []   # (monotonic time, method, path, JSON body) of the UI's writes to /api/
+    tab.on("request", lambda r: tab.sent.append((time.monotonic(), r.method, r.url.split("://", 1)[1].split("/", 1)[1],
+                                                 _json(r.post_data)))
+           if "/api/" in r.url and r.method != "GET" else None)
+
+    tab.goto(f"{label_studio.url}/user/login/")
+    tab.fill("input[name=email]", label_studio.account.email)
+    tab.fill("input[name=password]", label_studio.account.password)
+    tab.click("button[type=submit]")
+    tab.wait_for_url(lambda url: "/user/login" not in url)
+    try:
+        yield tab
+    finally:
+        context.close()
+
+
+class Steps:
+    """Screenshots and, per step, what the UI sent to Label Studio and Label Studio to the backend."""
+
+    def __init__(self, name: str, page, proxy: RecordingProxy, folder: Path):
+        self.name, self.page, self.proxy, self.folder = name, page, proxy, folder
+        self.log: list[dict] = []
+        self._since = time.monotonic()
+
+    def done(self, step: str) -> None:
+        now = time.monotonic()
+        self.page.screenshot(path=str(self.folder / f"{self.name}-{len(self.log) + 1:02d}-{step}.png"))
+        self.log.append({
+            "step": step,
+            "ui_to_label_studio": [{"method": m, "path": p, "body": _trim(b)}
+                                   for t, m, p, b in self.page.sent if self._since <= t < now],
+            "label_studio_to_backend": [_summary(e) for e in self.proxy.exchanges if self._since <= e.at < now],
+        })
+        self._since = now
+        (self.folder / f"calls-{self.name}.json").write_text(json.dumps(self.log, indent=1))
+
+
+def open_task(page, label_studio, project: dict, task: int) -> None:
+    page.goto(f"{label_studio.url}/projects/{project['id']}/data?task={task}")
+    page.wait_for_selector(REGION)
+
+
+def regions(page) -> dict[str, list[str]]:
+    """Control name -> the texts of its rows in the regions panel."""
+    found: dict[str, list[str]] = {}
+    for row in page.locator(REGION).all():
+        classes = row.get_attribute("class") or ""
+        control = next((c for c, css in REGION_TYPES.items() if css in classes.split()), "other")
+        found.setdefault(control, []).append(row.inner_text())
+    return found
+
+
+def suggestion_count(page) -> int:
+    """The "N suggestions" counter of the bottom bar; 0 when it is not shown."""
+    counter = page.get_by_text(SUGGESTIONS)
+    if counter.count() == 0 or not counter.first.is_visible():
+        return 0
+    return int(SUGGESTIONS.match(counter.first.inner_text()).group(1))
+
+
+def ask(page, proxy: RecordingProxy, text: str) -> tuple[int, list[dict]]:
+    """Auto-Annotation on, type `text`, Add: the suggestions shown and the backend's regions."""
+    if not page.locator(AUTO_ANNOTATION).is_checked():
+        page.get_by_text("Auto-Annotation", exact=True).click()
+    assert page.locator(AUTO_ANNOTATION).is_checked()
+    before = len(proxy.calls())
+    page.fill(PROMPT_BOX, text)
+    page.click(ADD_PROMPT)
+    page.get_by_text(SUGGESTIONS).first.wait_for()
+    calls = wait_until(lambda: proxy.calls()[before:], timeout=30)
+    assert len(calls) == 1, f"one interactive /predict expected, got {[c.body for c in calls]}"
+    context = calls[0].body["params"]["context"]
+    typed = [item["value"]["text"] for item in context["result"] if item["type"] == "textarea"]
+    assert typed == [[text]], context
+    (answer,) = calls[0].answer["results"]
+    return suggestion_count(page), answer["result"]
+
+
+def test_pre_annotations_prompt_accept_submit_without_ghost_suggestions(
+        page, label_studio, ls, proxy, project, backend, browser_artifacts, browser_timing):
+    steps = Steps("accept", page, proxy, browser_artifacts)
+    task = project["tasks"][0]
+
+    # Opening a task without predictions: Label Studio asks the backend (a batch call, no
+    # context) and shows the answer as regions, with their scores.
+    open_task(page, label_studio, project, task)
+    shown = wait_until(lambda: (r := regions(page)) and set(CONTROL_TYPES) <= set(r) and r, timeout=30)
+    assert set(CONTROL_TYPES) <= set(shown), f"regions panel: {shown}"
+    (stored,) = ls.predictions(task)
+    assert sum(len(rows) for rows in shown.values()) == len(stored["result"])
+    assert all(re.search(r"\d\.\d\d", row) for rows in shown.values() for row in rows), shown
+    loads = [c for c in proxy.calls() if task in [t["id"] for t in c.body["tasks"]]]
+    assert loads and all(c.body["params"]["context"] is None for c in loads)
+    steps.done("pre-annotations")
+
+    # Auto-Annotation on, a typed prompt: suggestions for that prompt only, in under the timeout.
+    shown_suggestions, suggested = ask(page, proxy, PROMPT)
+    assert suggested and shown_suggestions == len(suggested)
+    # "a bright round disc" is no label of the config: it is predicted as each control's first label.
+    assert {(i["from_name"], i["value"][i["type"]][0]) for i in suggested} <= {(c, "disc") for c in CONTROL_TYPES}
+    steps.done("suggestions")
+
+    page.click(ACCEPT)
+    wait_until(lambda: suggestion_count(page) == 0, timeout=10)
+    assert suggestion_count(page) == 0
+    after_accept = regions(page)
+    assert sum(map(len, after_accept.values())) == len(stored["result"]) + len(suggested), after_accept
+    steps.done("accepted")
+
+    # Submit with Auto-Annotation still on: the UI asks the backend once more with an empty
+    # context; the backend answers no regions, so no suggestion appears.
+    calls_before = len(proxy.calls())
+    page.click(SUBMIT)
+    annotations = wait_until(lambda: check(ls.get(f"/api/tasks/{task}/annotations/"), 200).json(), timeout=30)
+    assert len(annotations) == 1, annotations
+    empty = wait_until(lambda: [c for c in proxy.calls()[calls_before:] if c.body["params"]["context"] is not None],
+                       timeout=15)
+    assert [c.body["params"]["context"] for c in empty] == [{"result": []}]
+    assert [r["result"] for r in empty[0].answer["results"]] == [[]]
+    time.sleep(2)   # the UI shows whatever came back
+    assert suggestion_count(page) == 0
+    steps.done("submitted")
+
+    # The stored annotation: the pre-annotations, the prompt, and exactly the accepted regions.
+    (annotation,) = annotations
+    result = annotation["result"]
+    accepted = [i for i in result if i["type"] != "textarea" and i.get("origin") != "prediction"]
+    assert _comparable(accepted) == _comparable(suggested)
+    assert [i["value"]["text"] for i in result if i["type"] == "textarea"] == [[PROMPT]]
+    assert len([i for i in result if i.get("origin") == "prediction"]) == len(stored["result"])
+    assert annotation.get("parent_prediction") == stored["id"]
+
+    # The webhook names that prediction; the feedback log links the annotation to it.
+    def feedback():
+        path = backend.model_dir / "feedback.jsonl"
+        lines = path.read_text().splitlines() if path.is_file() else []
+        return [r for r in map(json.loads, lines) if r.get("annotation") == annotation["id"]]
+    (record,) = wait_until(feedback, timeout=15)
+    assert record["prediction"] == stored["id"]
+
+
+def test_rejected_suggestions_leave_the_regions_as_they_were(
+        page, label_studio, ls, proxy, project, browser_artifacts, browser_timing):
+    steps = Steps("reject", page, proxy, browser_artifacts)
+    task = project["tasks"][1]
+    open_task(page, label_studio, project, task)
+    before = wait_until(lambda: (r := regions(page)) and set(CONTROL_TYPES) <= set(r) and r, timeout=30)
+    steps.done("pre-annotations")
+
+    shown_suggestions, suggested = ask(page, proxy, "stripes")
+    # A prompt equal to a label is predicted as that label.
+    assert suggested and shown_suggestions == len(suggested)
+    assert {i["value"][i["type"]][0] for i in suggested} == {"stripes"}
+    steps.done("suggestions")
+
+    calls_before = len(proxy.exchanges)
+    page.click(REJECT)
+    wait_until(lambda: suggestion_count(page) == 0, timeout=10)
+    assert suggestion_count(page) == 0
+    time.sleep(1)
+    assert regions(page) == before
+    assert proxy.exchanges[calls_before:] == []     # rejecting is the browser's business only
+    steps.done("rejected")
+
+
+def _comparable(items: list[dict]) -> list[tuple]:
+    """Result items as (control, type, labels, geometry rounded), sorted: ids and origin left out."""
+    rows = []
+    for item in items:
+        value = dict(item["value"])
+        labels = tuple(value.pop(item["type"]))
+        geometry = json.dumps(_rounded(value), sort_keys=True)
+        rows.append((item["from_name"], item["type"], labels, geometry))
+    return sorted(rows)
+
+
+def _rounded(value: Any) -> Any:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return round(float(value), 3)     # Label Studio stores 30.0 as 30
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    return value
+
+
+def _summary(exchange) -> dict:
+    """One call Label Studio made to the backend, for the record."""
+    body = exchange.body if isinstance(exchange.body, dict) else {}
+    row: dict[str, Any] = {"method": exchange.method, "path": exchange.path, "status": exchange.status}
+    if exchange.path.startswith("/predict"):
+        row.update(tasks=[t.get("id") for t in body.get("tasks", [])], params=_trim(body.get("params")))
+    elif exchange.path.startswith("/webhook"):
+        annotation = body.get("annotation") or {}
+        row.update(action=body.get("action"), annotation={
+            "id": annotation.get("id"), "parent_prediction": annotation.get("parent_prediction"),
+            "prediction": annotation.get("prediction"), "result_items": len(annotation.get("result") or [])})
+    elif exchange.path.startswith("/setup"):
+        row.update(project=body.get("project"))
+    row["answer"] = _trim(exchange.answer)
+    return row
+
+
+def _json(text: str | None) -> Any:
+    try:
+        return json.loads(text) if text else None
+    except ValueError:
+        return text
+
+
+def _trim(value: Any, depth: int = 0) -> Any:
+    """Bodies for the record: long lists (brush RLE, polygon points) shortened, schemas cut."""
+    if isinstance(value, list):
+        if len(value) > 8 and all(isinstance(v, (int, float, list)) for v in value):
+            return [_trim(v, depth + 1) for v in value[:4]] + [f"... {len(value)} items"]
+        return [_trim(v, depth + 1) for v in value]
+    if isinstance(value, dict):
+        return {k: _trim(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, str) and len(value) > 200:
+        return value[:120] + f"... ({len(value)} characters)"
+    return value
