@@ -24,7 +24,7 @@ VIEWPORT = {"width": 1280, "height": 1600}
 UI_TIMEOUT_MS = 60_000
 SUGGESTIONS = re.compile(r"^\s*(\d+) suggestions?\s*$")
 
-# Selectors (Label Studio 1.23.2, see /work notes in docs/E2E.md)
+# Selectors that work on Label Studio 1.23.2 (docs/E2E.md lists them)
 REGION = ".lsf-tree__node"
 REGION_TYPES = {"brush": "lsf-tree__node_type_brushregion", "poly": "lsf-tree__node_type_polygonregion",
                 "rect": "lsf-tree__node_type_rectangleregion"}
@@ -56,15 +56,23 @@ def project(ls, proxy) -> dict:
 
 
 @pytest.fixture(scope="module")
-def page(chromium, label_studio, project):
-    """A logged-in labeling page; records the browser's calls to Label Studio's API."""
+def ui_calls() -> list[tuple]:
+    """(monotonic time, method, path, JSON body) of every write the browser sends to Label Studio's API."""
+    return []
+
+
+@pytest.fixture(scope="module")
+def page(chromium, label_studio, project, ui_calls):
+    """A logged-in labeling page."""
     context = chromium.new_context(viewport=VIEWPORT)
     tab = context.new_page()
     tab.set_default_timeout(UI_TIMEOUT_MS)
-    tab.sent = []   # (monotonic time, method, path, JSON body) of the UI's writes to /api/
-    tab.on("request", lambda r: tab.sent.append((time.monotonic(), r.method, r.url.split("://", 1)[1].split("/", 1)[1],
-                                                 _json(r.post_data)))
-           if "/api/" in r.url and r.method != "GET" else None)
+
+    def on_request(request) -> None:
+        path = "/" + request.url.split("://", 1)[-1].split("/", 1)[-1]
+        if path.startswith("/api/") and request.method != "GET":
+            ui_calls.append((time.monotonic(), request.method, path, _json(request.post_data)))
+    tab.on("request", on_request)
 
     tab.goto(f"{label_studio.url}/user/login/")
     tab.fill("input[name=email]", label_studio.account.email)
@@ -80,8 +88,8 @@ def page(chromium, label_studio, project):
 class Steps:
     """Screenshots and, per step, what the UI sent to Label Studio and Label Studio to the backend."""
 
-    def __init__(self, name: str, page, proxy: RecordingProxy, folder: Path):
-        self.name, self.page, self.proxy, self.folder = name, page, proxy, folder
+    def __init__(self, name: str, page, ui_calls: list[tuple], proxy: RecordingProxy, folder: Path):
+        self.name, self.page, self.ui_calls, self.proxy, self.folder = name, page, ui_calls, proxy, folder
         self.log: list[dict] = []
         self._since = time.monotonic()
 
@@ -91,7 +99,7 @@ class Steps:
         self.log.append({
             "step": step,
             "ui_to_label_studio": [{"method": m, "path": p, "body": _trim(b)}
-                                   for t, m, p, b in self.page.sent if self._since <= t < now],
+                                   for t, m, p, b in self.ui_calls if self._since <= t < now],
             "label_studio_to_backend": [_summary(e) for e in self.proxy.exchanges if self._since <= e.at < now],
         })
         self._since = now
@@ -140,8 +148,8 @@ def ask(page, proxy: RecordingProxy, text: str) -> tuple[int, list[dict]]:
 
 
 def test_pre_annotations_prompt_accept_submit_without_ghost_suggestions(
-        page, label_studio, ls, proxy, project, backend, browser_artifacts, browser_timing):
-    steps = Steps("accept", page, proxy, browser_artifacts)
+        page, ui_calls, label_studio, ls, proxy, project, backend, browser_artifacts, browser_timing):
+    steps = Steps("accept", page, ui_calls, proxy, browser_artifacts)
     task = project["tasks"][0]
 
     # Opening a task without predictions: Label Studio asks the backend (a batch call, no
@@ -203,8 +211,8 @@ def test_pre_annotations_prompt_accept_submit_without_ghost_suggestions(
 
 
 def test_rejected_suggestions_leave_the_regions_as_they_were(
-        page, label_studio, ls, proxy, project, browser_artifacts, browser_timing):
-    steps = Steps("reject", page, proxy, browser_artifacts)
+        page, ui_calls, label_studio, proxy, project, browser_artifacts, browser_timing):
+    steps = Steps("reject", page, ui_calls, proxy, browser_artifacts)
     task = project["tasks"][1]
     open_task(page, label_studio, project, task)
     before = wait_until(lambda: (r := regions(page)) and set(CONTROL_TYPES) <= set(r) and r, timeout=30)
@@ -216,13 +224,15 @@ def test_rejected_suggestions_leave_the_regions_as_they_were(
     assert {i["value"][i["type"]][0] for i in suggested} == {"stripes"}
     steps.done("suggestions")
 
-    calls_before = len(proxy.exchanges)
+    calls_before, ui_before = len(proxy.exchanges), len(ui_calls)
     page.click(REJECT)
     wait_until(lambda: suggestion_count(page) == 0, timeout=10)
     assert suggestion_count(page) == 0
     time.sleep(1)
     assert regions(page) == before
-    assert proxy.exchanges[calls_before:] == []     # rejecting is the browser's business only
+    # Rejecting is the browser's business only: no call to the backend, none to the ML API.
+    assert proxy.exchanges[calls_before:] == []
+    assert not [c for c in ui_calls[ui_before:] if "/api/ml/" in c[2]]
     steps.done("rejected")
 
 
