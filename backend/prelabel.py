@@ -160,6 +160,24 @@ class PredictionUploader:
         return stored, skipped, failed
 
 
+def learned_for(settings: Settings, project: int):
+    """The project's learned state (backend/learning.py) in MODEL_DIR, as the server would use it;
+    None when learning is off or nothing was learned. Never fails the run: a broken store is logged."""
+    if not settings.learn:
+        return None
+    try:
+        from .learning import DB_NAME, LearnedStates, LearningStore
+        from .pipeline import ProjectLearned
+
+        if not os.path.exists(os.path.join(settings.model_dir, DB_NAME)):
+            return None
+        state = LearnedStates(LearningStore(settings.model_dir), settings).get(str(project))
+    except Exception as exc:   # predict without it, as the server does
+        logger.warning("project %s: learned state unreadable, predicting without it: %s", project, exc)
+        return None
+    return None if state is None else ProjectLearned(version=state.version, maps=state.maps)
+
+
 # -- the run -------------------------------------------------------------------------------------------
 
 
@@ -178,7 +196,10 @@ def run_prelabel(settings: Settings, project: int, *, only_unlabeled: bool = Fal
     """
     started = time.monotonic()
     client = client or LabelStudioClient.from_settings(settings)
+    learned = learned_for(settings, project)
     version = pipeline.model_version if pipeline is not None else compute_model_version(settings)
+    if learned is not None and learned.version:   # the same version the server gives this project
+        version = f"{version}+{learned.version}"
     summary = PrelabelSummary(project=project, model_version=version, dry_run=dry_run)
     t0 = time.perf_counter()
     info = client.get_project(project)
@@ -194,7 +215,8 @@ def run_prelabel(settings: Settings, project: int, *, only_unlabeled: bool = Fal
         if pipeline is None:
             logger.info("loading model %s (%s) on %s", settings.model_name, settings.pretrained, settings.device)
             pipeline = PredictionPipeline.from_settings(settings)
-        job = pipeline.prepare(plan, project=project)
+        job = pipeline.prepare(plan, project=project, learned=learned)
+        version = job.model_version
         if claims is None:
             claims = ClaimStore(os.path.join(settings.model_dir, "claims.sqlite"))
     uploader = PredictionUploader(client, project, chunk=upload_chunk)

@@ -47,7 +47,13 @@ TINY_MODEL_ENV = {
     "OMP_NUM_THREADS": "1",
     "MKL_NUM_THREADS": "1",
     "LOG_LEVEL": "INFO",
+    # Below the session's ML_TIMEOUT_PREDICT (see _label_studio_process), as in production.
+    "GEM_PREDICT_BUDGET": "20",
 }
+
+# Label Studio gives up on a /predict after this many seconds (its default is 100); lowered so the
+# whole-project test (test_e2e_whole_project.py) sees the time budget at work without waiting minutes.
+LS_ML_TIMEOUT_PREDICT_S = 30
 
 TIMINGS = Timings()
 _SERVERS: list[ServerProcess] = []
@@ -144,6 +150,7 @@ def _label_studio_process(label_studio_executable, e2e_dir, _stop_on_sigterm):
         "FRONTEND_SENTRY_DSN": "",
         "LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED": "true",
         "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": files_root,
+        "ML_TIMEOUT_PREDICT": str(LS_ML_TIMEOUT_PREDICT_S),
     }, drop_python=True)
     url = f"http://{LOOPBACK}:{port}"
     process = ServerProcess(
