@@ -341,7 +341,7 @@ def chromium(_stop_on_sigterm):
     except ImportError as exc:
         missing = f"Playwright for Python is not installed ({exc}): pip install -r requirements-dev.txt"
     else:
-        missing = None if executable else ("no Chromium: apt-get install chromium (Debian), "
+        missing = None if executable else ("no Chromium (GEM_CHROMIUM, /usr/bin/chromium): apt-get install chromium (Debian), "
                                            "or set GEM_CHROMIUM=<path to a chromium binary>")
     if missing:
         if e2e_required():

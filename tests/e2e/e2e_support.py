@@ -58,8 +58,9 @@ def e2e_required() -> bool:
 
 
 def find_chromium() -> Path | None:
-    """$GEM_CHROMIUM, else Debian's `chromium` package (/usr/bin/chromium); None if neither."""
-    for candidate in (os.environ.get("GEM_CHROMIUM"), "/usr/bin/chromium", shutil.which("chromium")):
+    """$GEM_CHROMIUM when set (None if it is not an executable), else Debian's `chromium` package."""
+    chosen = os.environ.get("GEM_CHROMIUM")
+    for candidate in ((chosen,) if chosen else ("/usr/bin/chromium", shutil.which("chromium"))):
         if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
             return Path(candidate)
     return None
