@@ -209,6 +209,40 @@ def run(predictor, config: RegionConfig, repeats: int, heldout: int, size: int, 
     return ious, pairs
 
 
+def cost(grid=(28, 50), dim=512, cases=((3, 8), (3, 32), (10, 8), (10, 32)), seed=0) -> None:
+    """Time calibration and the learned heatmaps at ViT-B/16 sizes (a 448 x 800 input: 28 x 50 patches,
+    512-d embeddings) on random features: what one annotation event and one prediction cost."""
+    rng = np.random.default_rng(seed)
+    print(f"Cost at ViT-B/16 sizes ({grid[0]} x {grid[1]} patches, {dim}-d), random features, one CPU thread:")
+    print()
+    print("| Labels | Annotated images | Calibration (s, per annotation event) | Learned heatmaps (ms, per image) |")
+    print("|---|---|---|---|")
+    for num_labels, count in cases:
+        labels = [f"label{i}" for i in range(num_labels)]
+        samples, examples = [], []
+        for i in range(count):
+            features = rng.normal(size=grid + (dim,)).astype(np.float32)
+            features /= np.linalg.norm(features, axis=-1, keepdims=True)
+            truth = np.zeros((num_labels,) + grid, np.float32)
+            for index in range(num_labels):
+                if rng.random() < 0.5:
+                    r, c = rng.integers(0, grid[0] - 6), rng.integers(0, grid[1] - 8)
+                    truth[index, r:r + 6, c:c + 8] = 1
+            text = rng.normal(0.2, 0.03, truth.shape).astype(np.float32)
+            samples.append(CalibrationSample(str(i), features, text, truth))
+            examples.append(task_examples(str(i), features, {labels[j]: truth[j] for j in range(num_labels)
+                                                             if truth[j].any()}))
+        started = time.perf_counter()
+        calibrate(samples, labels, RegionConfig(), examples)
+        seconds = time.perf_counter() - started
+        bank = build_bank(examples)
+        started = time.perf_counter()
+        for _ in range(5):
+            learned_heatmaps(samples[0].features, samples[0].text_maps, labels, bank, None, floor=0.2)
+        per_image = (time.perf_counter() - started) / 5 * 1000
+        print(f"| {num_labels} | {count} | {seconds:.1f} | {per_image:.0f} |")
+
+
 def plot(table: dict[str, list[float]], path: Path, title: str) -> None:
     """A small line plot drawn with PIL (no plotting library needed)."""
     width, height, margin = 560, 340, 56
@@ -251,7 +285,14 @@ def main(argv=None) -> None:
     parser.add_argument("--plot", type=Path, default=None, help="write the PNG plot here")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--prior", type=float, default=0.25, help="text pseudo-count against the examples")
+    parser.add_argument("--cost", action="store_true", help="only time calibration at ViT-B/16 sizes")
     args = parser.parse_args(argv)
+    if args.cost:
+        import torch
+
+        torch.set_num_threads(1)
+        cost()
+        return
 
     import torch
 

@@ -390,8 +390,22 @@ def calibrate(samples: Sequence[CalibrationSample], labels: Sequence[str], confi
         shift = offs[:, None, None]
         return _mean_iou([segment_grid(m + shift, config, min_area) for m in maps], truth)
 
-    # Offsets are fitted with the configured area rule (a pixel count means nothing on the grid).
-    default_area = config.min_area if config.min_area < 1 else None
+    # The offsets are searched without the small-part clean-up (fitted after them): semantic
+    # assignment is then per pixel, so all images go through it at once as one [L, 1, N] map,
+    # which makes the few hundred trials cheap (10 labels x 32 images: seconds, not minutes).
+    semantic = config.resolved_mode(len(labels)) == "semantic"
+    if semantic:
+        flat_maps = np.concatenate([m.reshape(len(labels), 1, -1) for m in maps], axis=2)      # [L, 1, N]
+        flat_truth = np.concatenate([t.reshape(len(labels), 1, -1) for t in truth], axis=2)
+
+    def search_score(offs: np.ndarray) -> float:
+        if not semantic:
+            return score(offs, 0.0)
+        winner = assign_semantic(flat_maps + offs[:, None, None], config)                        # [1, N]
+        predicted = winner[None] == np.arange(len(labels))[:, None, None]
+        return _mean_iou([predicted], [flat_truth])
+
+    default_area = config.min_area if config.min_area < 1 else None   # a pixel count means nothing on the grid
     base_area = default_area if default_area is not None else 0.0
     before = score(offsets, base_area)
     for _ in range(passes if len(labels) > 1 else 1):
@@ -403,7 +417,7 @@ def calibrate(samples: Sequence[CalibrationSample], labels: Sequence[str], confi
             for candidate in candidates:
                 trial = offsets.copy()
                 trial[index] = candidate
-                results.append(score(trial, base_area))
+                results.append(search_score(trial))
             offsets[index] = candidates[_pick(results, np.abs(candidates), tol)]
     areas = list(MIN_AREA_CANDIDATES)
     area_scores = [score(offsets, a) for a in areas]
