@@ -11,7 +11,6 @@ import uuid
 from typing import Any, Iterable, Sequence
 
 import numpy as np
-from label_studio_sdk.converter.brush import mask2rle
 
 from .label_config import ControlSpec
 
@@ -41,12 +40,74 @@ def _base(control: ControlSpec, width: int, height: int, score: float) -> dict[s
     }
 
 
-def brush_item(control: ControlSpec, label: str, mask: np.ndarray, score: float) -> dict[str, Any]:
-    """`mask` bool [H, W] at the original image size."""
-    height, width = mask.shape
-    rle = mask2rle(np.where(mask, np.uint8(255), np.uint8(0)))
+# Label Studio's brush RLE (the rle-pack format of thi.ng/umbrella, which its editor decodes): a
+# header of 32 bits value count, 5 bits word size - 1, four 4-bit run-length field sizes - 1; then
+# per chunk a flag bit (1 = one value repeated), 2 bits choosing a field size, the run length - 1
+# in that many bits and the 8-bit value. The values are the RGBA bytes of every pixel in row-major
+# order (a mask pixel is 255 in all four channels).
+_RLE_FIELD_BITS = (3, 4, 8, 16)
+_RLE_MAX_RUN = 1 << 16
+
+
+def mask_runs(mask: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row-major runs (lengths int64, values bool) of `mask` (bool [h, w], h <= height, w <= width)
+    enlarged by nearest neighbour to [height, width], without making the enlarged mask."""
+    from gem_model.masks import cell_starts  # same enlargement rule as gem_model's Region.mask
+
+    mask = np.asarray(mask, dtype=bool)
+    h, w = mask.shape
+    row_starts, col_starts = cell_starts(h, height), cell_starts(w, width)
+    repeats = np.diff(row_starts)                                      # full rows per mask row
+    lengths, values = [], []
+    for i in np.flatnonzero(repeats):
+        row = mask[i]
+        change = np.flatnonzero(row[1:] != row[:-1]) + 1
+        starts = col_starts[np.concatenate(([0], change))]
+        seg = np.diff(np.concatenate((starts, [width])))
+        keep = seg > 0
+        lengths.append(np.tile(seg[keep], repeats[i]))
+        values.append(np.tile(row[np.concatenate(([0], change))][keep], repeats[i]))
+    lengths, values = np.concatenate(lengths), np.concatenate(values)
+    # Merge equal neighbours (across row ends, and rows that repeat an all-equal row).
+    first = np.concatenate(([True], values[1:] != values[:-1]))
+    return np.add.reduceat(lengths, np.flatnonzero(first)), values[first]
+
+
+def brush_rle(mask: np.ndarray, height: int, width: int) -> list[int]:
+    """Label Studio brush RLE bytes of `mask` shown at height x width (nearest neighbour if smaller)."""
+    lengths, values = mask_runs(mask, height, width)
+    lengths = lengths * 4                                              # RGBA bytes per pixel
+    # Runs longer than one field can hold are split into 65536-byte chunks plus a remainder.
+    chunks = -(-lengths // _RLE_MAX_RUN)
+    chunk_len = np.full(int(chunks.sum()), _RLE_MAX_RUN, dtype=np.int64)
+    last = np.cumsum(chunks) - 1
+    chunk_len[last] = lengths - (chunks - 1) * _RLE_MAX_RUN
+    chunk_val = np.repeat(np.where(values, 255, 0), chunks)
+    field = np.searchsorted(np.array([1 << b for b in _RLE_FIELD_BITS]), chunk_len)   # smallest that fits
+    field_bits = np.array(_RLE_FIELD_BITS)[field]
+    width_bits = 1 + 2 + field_bits + 8
+    code = (((1 << 2 | field) << field_bits | (chunk_len - 1)) << 8) | chunk_val
+    header_bits = 32 + 5 + 4 * len(_RLE_FIELD_BITS)
+    header = (int(lengths.sum()) << 21) | (7 << 16)
+    for k, bits in enumerate(_RLE_FIELD_BITS):
+        header |= (bits - 1) << (12 - 4 * k)
+    codes = np.concatenate(([header], code)).astype(np.uint64)
+    widths = np.concatenate(([header_bits], width_bits))
+    # Every code's bits, most significant first, concatenated; then packed into bytes (zero padded).
+    ends = np.cumsum(widths)
+    position = np.arange(int(ends[-1])) - np.repeat(ends - widths, widths)
+    shift = (np.repeat(widths, widths) - 1 - position).astype(np.uint64)
+    bits = (np.repeat(codes, widths) >> shift) & np.uint64(1)
+    return np.packbits(bits.astype(np.uint8)).tolist()
+
+
+def brush_item(control: ControlSpec, label: str, mask: np.ndarray, score: float,
+               width: int | None = None, height: int | None = None) -> dict[str, Any]:
+    """`mask` bool [h, w] at the original image size (width x height, default the mask's) or smaller."""
+    height = mask.shape[0] if height is None else height
+    width = mask.shape[1] if width is None else width
     item = _base(control, width, height, score)
-    item["value"] = {"format": "rle", "rle": [int(v) for v in rle], control.result_type: [label]}
+    item["value"] = {"format": "rle", "rle": brush_rle(mask, height, width), control.result_type: [label]}
     return item
 
 
@@ -94,21 +155,31 @@ def mask_bbox(mask: np.ndarray) -> tuple[int, int, int, int] | None:
 
 
 def region_items(control: ControlSpec, region: Any, width: int, height: int) -> list[dict[str, Any]]:
-    """Result items of one gem_model Region for one control (none when the region is empty)."""
-    mask = np.asarray(region.mask, dtype=bool)
-    if mask.shape != (height, width):
+    """Result items of one gem_model Region for one control (none when the region is empty).
+
+    The region's mask may be at a working resolution (`work_mask`, gem_model's Region) or at the
+    original size (`mask`); the brush RLE is at the original size either way. Rectangles: one per
+    entry of `boxes` (gem_model gives one per object unless RegionConfig.rectangles = "label"),
+    else the single `bbox`."""
+    work_mask = getattr(region, "work_mask", None)
+    mask = np.asarray(work_mask if work_mask is not None else region.mask, dtype=bool)
+    if mask.ndim != 2 or mask.shape[0] > height or mask.shape[1] > width \
+            or (work_mask is None and mask.shape != (height, width)):
         raise ValueError(f"region mask is {mask.shape[::-1]} but the image is {(width, height)}")
     if not mask.any():
         return []
     label, score = region.label, float(region.score)
     if control.kind == "brush":
-        return [brush_item(control, label, mask, score)]
+        return [brush_item(control, label, mask, score, width, height)]
     if control.kind == "polygon":
         polygons = getattr(region, "polygons", None)
         return polygon_items(control, label, polygons if polygons is not None else (), width, height, score)
     if control.kind == "rectangle":
-        bbox = getattr(region, "bbox", None)
-        return [rectangle_item(control, label, bbox if bbox is not None else mask_bbox(mask), width, height, score)]
+        boxes = getattr(region, "boxes", None)
+        if not boxes:
+            bbox = getattr(region, "bbox", None)
+            boxes = [bbox if bbox is not None else mask_bbox(mask)]
+        return [rectangle_item(control, label, box, width, height, score) for box in boxes]
     raise ValueError(f"unknown control kind {control.kind!r}")
 
 

@@ -26,6 +26,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -33,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
+from PIL import Image
 
 from .encode import encode_regions
 from .images import FetchedImage, ImageFetcher, ImageFetchError
@@ -268,6 +270,7 @@ class PredictionPipeline:
         self.model_version = model_version or compute_model_version(settings)
         self.metrics = metrics
         self.seconds_per_task: float | None = None   # running average over calls, for budgets
+        self.decode_min_side = _decode_min_side(settings, predictor, self.region_config)
         self._model_lock = threading.Lock()
         self._report_lock = threading.Lock()
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=settings.fetch_workers,
@@ -426,7 +429,7 @@ class PredictionPipeline:
                 raw = self.fetcher.download(url, task_id=task_id(task), project_key=job.project)
                 self._time(report, "fetch", time.perf_counter() - started)
                 started = time.perf_counter()
-                images[spec.name] = self.fetcher.decode(raw)
+                images[spec.name] = self.fetcher.decode(raw, min_side=self.decode_min_side)
                 self._time(report, "preprocess", time.perf_counter() - started)
             except ImageFetchError as exc:
                 raise TaskError(f"image '{spec.name}': {exc}", reason=exc.reason) from None
@@ -490,12 +493,15 @@ class PredictionPipeline:
         if job.learned_maps is not None:
             return self._predict_image_learned(encoded, image, controls, job, report, prompts, region_config)
         started = time.perf_counter()
+        # Regions are made at a working resolution tied to the patch grid, then scaled to the image.
+        work = _working_size(self.predictor, encoded, image, region_config)
         with self._model_lock:
-            similarity = np.asarray(self.predictor.similarity(encoded, prompts), dtype=np.float32)  # [P, H0, W0]
+            similarity = np.asarray(self.predictor.similarity(encoded, prompts, output_size=work),
+                                    dtype=np.float32)                                        # [P, h, w]
         self._time(report, "model", time.perf_counter() - started)
-        if similarity.shape[1:] != (image.height, image.width):
-            raise TaskError(f"similarity maps are {similarity.shape[1:]} for an image of "
-                            f"{(image.height, image.width)}", reason="model")
+        if similarity.shape[1:] != work:
+            raise TaskError(f"similarity maps are {similarity.shape[1:]}, expected the working size {work} "
+                            f"for an image of {(image.height, image.width)}", reason="model")
         index = {p: k for k, p in enumerate(prompts)}
         rgb = None
         results: list[dict] = []
@@ -507,12 +513,13 @@ class PredictionPipeline:
                 started = time.perf_counter()
                 # A label's heatmap is the max over its prompts' maps.
                 heatmaps = np.stack([similarity[[index[p] for p in lp.prompts]].max(axis=0)
-                                     for lp in control.labels])                               # [L, H0, W0]
+                                     for lp in control.labels])                               # [L, h, w]
                 if rgb is None:
-                    rgb = np.asarray(image.image)
+                    rgb = _guide(image, work)
                 extracted[group] = self.extract(heatmaps, labels=[lp.label for lp in control.labels],
                                                 config=region_config, image=rgb,
-                                                prompts={lp.label: "; ".join(lp.prompts) for lp in control.labels})
+                                                prompts={lp.label: "; ".join(lp.prompts) for lp in control.labels},
+                                                size=(image.height, image.width))
                 scores.append(float(extracted[group].score))
                 self._time(report, "postprocess", time.perf_counter() - started)
             started = time.perf_counter()
@@ -532,6 +539,7 @@ class PredictionPipeline:
             text = self.predictor.text_embeddings(prompts)                           # [P, D]
         grid_sims = np.einsum("hwd,pd->phw", features, text)                         # [P, h, w]
         self._time(report, "model", time.perf_counter() - started)
+        work = _working_size(self.predictor, encoded, image, region_config)
         index = {p: k for k, p in enumerate(prompts)}
         rgb = None
         results: list[dict] = []
@@ -546,13 +554,15 @@ class PredictionPipeline:
                                       for lp in control.labels])                              # [L, h, w]
                 grid_maps = job.learned_maps.heatmaps(features, text_maps, labels, region_config.min_similarity)
                 with self._model_lock:
-                    heatmaps = np.asarray(self.predictor.upsample(grid_maps, encoded), dtype=np.float32)
-                if heatmaps.shape[1:] != (image.height, image.width):
-                    raise TaskError(f"learned maps are {heatmaps.shape[1:]} for an image of "
-                                    f"{(image.height, image.width)}", reason="model")
+                    heatmaps = np.asarray(self.predictor.upsample(grid_maps, encoded, output_size=work),
+                                          dtype=np.float32)                                   # [L, h, w]
+                if heatmaps.shape[1:] != work:
+                    raise TaskError(f"learned maps are {heatmaps.shape[1:]}, expected the working size {work} "
+                                    f"for an image of {(image.height, image.width)}", reason="model")
                 if rgb is None:
-                    rgb = np.asarray(image.image)
+                    rgb = _guide(image, work)
                 extracted[group] = self.extract(heatmaps, labels=labels, config=region_config, image=rgb,
+                                                size=(image.height, image.width),
                                                 prompts={lp.label: "; ".join(lp.prompts) for lp in control.labels})
                 scores.append(float(extracted[group].score))
                 self._time(report, "postprocess", time.perf_counter() - started)
@@ -603,3 +613,30 @@ class PredictionPipeline:
 
 def task_id(task: Any) -> Any:
     return task.get("id") if isinstance(task, Mapping) else None
+
+
+def _decode_min_side(settings: Settings, predictor: Any, region_config: Any) -> int | None:
+    """Smallest short side an image must keep when decoded: GEM's input and the regions' working
+    resolution (backend/images.py decodes large JPEGs in draft mode down to it). None: decode fully."""
+    patch = getattr(predictor, "patch", None)
+    scale = getattr(region_config, "work_scale", None)
+    if not patch or not scale:
+        return None
+    guided = getattr(region_config, "refine", "none") != "none"
+    return max(math.ceil(settings.image_size * scale / patch), settings.image_size,
+               region_config.refine_max_side if guided else 0)
+
+
+def _working_size(predictor: Any, encoded: Any, image: FetchedImage, region_config: Any) -> tuple[int, int]:
+    """(h, w) for the maps and regions of this image (gem_model.regions.working_size)."""
+    from gem_model.regions import working_size
+
+    return working_size((image.height, image.width), predictor.grid_size(encoded), region_config)
+
+
+def _guide(image: FetchedImage, size: tuple[int, int]) -> np.ndarray:
+    """The (possibly reduced) decoded image at the working size [h, w, 3]: refinement's guide."""
+    picture = image.image
+    if picture.size != (size[1], size[0]):
+        picture = picture.resize((size[1], size[0]), Image.BOX)
+    return np.asarray(picture)

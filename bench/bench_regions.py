@@ -1,10 +1,12 @@
 """Time the whole post-processing (similarity maps -> regions) on one 1920x1080 image with 10 labels.
 
-    python bench/bench_regions.py [--repeats 5] [--height 1080 --width 1920 --labels 10]
+    python bench/bench_regions.py [--repeats 5] [--height 1080 --width 1920 --labels 10] [--full-size]
 
 Prints a Markdown table (wall time, median and best, and CPU time per configuration). The maps are synthetic
 but shaped like GEM's: one value per 16 px patch of a 448 px-short-side input (a 28 x 50 grid for
-16:9), bilinearly upsampled to the image size, one object per label plus noise.
+16:9), bilinearly upsampled to the working resolution (`RegionConfig.work_scale` x the grid, as the
+backend does) with the image reduced to it as the refinement guide, one object per label plus noise.
+`--full-size` times the former path instead: maps and image at the original size.
 """
 from __future__ import annotations
 
@@ -20,11 +22,12 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gem_model.regions import RegionConfig, extract_regions  # noqa: E402
+from gem_model.regions import RegionConfig, extract_regions, working_size  # noqa: E402
 
 
-def synthetic_inputs(height: int, width: int, num_labels: int, seed: int = 0):
-    """(sims float32 [L, H, W], image uint8 [H, W, 3]) with one ellipse-shaped object per label."""
+def synthetic_inputs(height: int, width: int, num_labels: int, seed: int = 0, work=None):
+    """(sims float32 [L, h, w], image uint8 [h, w, 3]) with one ellipse-shaped object per label, at the
+    working size `work` = (h, w) (default: the image size)."""
     rng = np.random.default_rng(seed)
     canvas = Image.new("RGB", (width, height))
     pixels = (rng.normal(128, 25, (height, width, 3))).clip(0, 255).astype(np.uint8)
@@ -43,12 +46,13 @@ def synthetic_inputs(height: int, width: int, num_labels: int, seed: int = 0):
     grid_w = max(1, round(grid_h * width / height)) if width >= height else 28
     if height > width:
         grid_h = max(1, round(28 * height / width))
-    sims = np.empty((num_labels, height, width), dtype=np.float32)
+    h, w = work or (height, width)
+    sims = np.empty((num_labels, h, w), dtype=np.float32)
     for index, mask in enumerate(masks):
         coarse = np.asarray(Image.fromarray(mask.astype(np.float32)).resize((grid_w, grid_h), Image.BOX))
         coarse = 0.12 + 0.2 * coarse + rng.normal(0, 0.015, coarse.shape).astype(np.float32)
-        sims[index] = np.asarray(Image.fromarray(coarse.astype(np.float32)).resize((width, height), Image.BILINEAR))
-    return sims, np.asarray(canvas)
+        sims[index] = np.asarray(Image.fromarray(coarse.astype(np.float32)).resize((w, h), Image.BILINEAR))
+    return sims, np.asarray(canvas.resize((w, h), Image.BOX) if (h, w) != (height, width) else canvas)
 
 
 def time_call(fn, repeats: int) -> tuple[float, float, float]:
@@ -69,9 +73,12 @@ def main(argv=None) -> None:
     parser.add_argument("--width", type=int, default=1920)
     parser.add_argument("--labels", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--full-size", action="store_true", help="maps and image at the original size")
     args = parser.parse_args(argv)
 
-    sims, image = synthetic_inputs(args.height, args.width, args.labels)
+    short = min(args.height, args.width)
+    grid = (round(28 * args.height / short), round(28 * args.width / short))     # 448 px input, 16 px patches
+    size = (args.height, args.width)
     labels = [f"label{i}" for i in range(args.labels)]
     base = RegionConfig()
     configs = [
@@ -82,13 +89,16 @@ def main(argv=None) -> None:
         ("independent + guided refine", dataclasses.replace(base, mode="independent", refine="guided")),
     ]
     print(f"{args.width}x{args.height}, {args.labels} labels, median / best of {args.repeats}")
-    print("| Configuration | Regions | Wall, median (s) | Wall, best (s) | CPU, median (s) |")
-    print("|---|---|---|---|---|")
+    print("| Configuration | Maps | Regions | Wall, median (s) | Wall, best (s) | CPU, median (s) |")
+    print("|---|---|---|---|---|---|")
     for name, config in configs:
-        result = extract_regions(sims, labels, config, image=image)
-        median, best, cpu = time_call(lambda: extract_regions(sims, labels, config, image=image), args.repeats)
-        print(f"| {name} | {len(result.regions)} | {median:.3f} | {best:.3f} | {cpu:.3f} |")
-
+        work = None if args.full_size else working_size(size, grid, config)
+        sims, image = synthetic_inputs(args.height, args.width, args.labels, work=work)
+        result = extract_regions(sims, labels, config, image=image, size=size)
+        median, best, cpu = time_call(lambda: extract_regions(sims, labels, config, image=image, size=size),
+                                      args.repeats)
+        print(f"| {name} | {sims.shape[2]}x{sims.shape[1]} | {len(result.regions)} | {median:.3f} | {best:.3f} | "
+              f"{cpu:.3f} |")
 
 if __name__ == "__main__":
     main()

@@ -54,6 +54,33 @@ def mask_to_bbox(mask: np.ndarray) -> BBox:
     return cols.start, rows.start, cols.stop, rows.stop
 
 
+def cell_starts(small: int, full: int) -> np.ndarray:
+    """Where each of `small` cells of a coarse axis starts on a `full`-pixel axis: int64 [small + 1],
+    the last entry `full`.
+
+    Nearest neighbour by pixel centres: full pixel i belongs to cell floor((i + 0.5) * small / full),
+    the rule `upsample_mask` uses, so cell j spans [starts[j], starts[j + 1]). In the pixel-corner
+    frame a cell edge at j sits at j * full / small; starts[j] is that edge rounded to a pixel edge.
+    """
+    j = np.arange(small + 1, dtype=np.int64)
+    # smallest i with (2i + 1) * small >= 2 j full, in integers: ceil((2 j full - small) / (2 small))
+    return np.clip(-((small - 2 * j * full) // (2 * small)), 0, full)
+
+
+def cell_of(full: int, small: int) -> np.ndarray:
+    """Coarse cell of every full-size pixel: int64 [full] (the inverse view of `cell_starts`)."""
+    return ((2 * np.arange(full, dtype=np.int64) + 1) * small) // (2 * full)
+
+
+def upsample_mask(mask: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Nearest-neighbour enlargement of a bool [h, w] mask to [height, width] (pixel centres)."""
+    mask = np.asarray(mask, dtype=bool)
+    if mask.shape == (height, width):
+        return mask.copy()
+    h, w = mask.shape
+    return mask[cell_of(height, h)[:, None], cell_of(width, w)[None, :]]
+
+
 def label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
     """8-connected components: (int32 labels [H, W] with 0 = background, count)."""
     labels, count = ndimage.label(mask, structure=_FOREGROUND_STRUCTURE)

@@ -156,10 +156,15 @@ class HeatmapPredictor:
                         results[i] = EncodedImage(single, (image.height, image.width), size, key)
         return results  # type: ignore[return-value]
 
-    def similarity(self, encoded: EncodedImage, prompts: Sequence[str]) -> np.ndarray:
-        """Raw cosine similarity maps [P, H0, W0] (float32) at the original image resolution."""
+    def similarity(self, encoded: EncodedImage, prompts: Sequence[str],
+                   output_size: Optional[tuple[int, int]] = None) -> np.ndarray:
+        """Raw cosine similarity maps [P, h, w] (float32), bilinear from the patch grid to `output_size`
+        (default: the original image size). Region extraction wants `gem_model.regions.working_size`."""
+        size = tuple(int(v) for v in (output_size or encoded.original_size))
+        if len(size) != 2 or min(size) < 1:
+            raise InvalidInputError(f"output_size must be (height, width) >= 1, got {output_size!r}")
         with self._lock:
-            maps = self.model.similarity(encoded.features, prompts, output_size=encoded.original_size)
+            maps = self.model.similarity(encoded.features, prompts, output_size=size)
         return maps[0].float().cpu().numpy()
 
     # Patch embeddings, for learning from annotations (gem_model/learning.py) ------------------
@@ -180,16 +185,22 @@ class HeatmapPredictor:
             maps = self.model.embedding_similarity(encoded.features, embeddings, output_size=encoded.original_size)
         return maps[0].float().cpu().numpy()
 
-    def upsample(self, grid_maps, encoded: EncodedImage) -> np.ndarray:
-        """Maps on the patch grid [K, h, w] -> [K, H0, W0], resampled exactly as `similarity` does."""
+    def upsample(self, grid_maps, encoded: EncodedImage,
+                 output_size: Optional[tuple[int, int]] = None) -> np.ndarray:
+        """Maps on the patch grid [K, h, w] -> [K, H0, W0] (or `output_size`), resampled exactly as
+        `similarity` does."""
         maps = torch.as_tensor(np.asarray(grid_maps, dtype=np.float32))
         if maps.dim() != 3:
             raise InvalidInputError(f"grid maps must be [K, h, w], got {tuple(maps.shape)}")
-        size = tuple(encoded.original_size)
+        size = tuple(int(v) for v in (output_size or encoded.original_size))
         if tuple(maps.shape[-2:]) != size:
             maps = torch.nn.functional.interpolate(maps[None], size=size, mode="bilinear",
                                                    align_corners=False)[0]
         return maps.numpy()
+
+    def grid_size(self, encoded: EncodedImage) -> tuple[int, int]:
+        """(rows, cols) of the model's patch grid for this image: what the maps really resolve."""
+        return tuple(int(v) for v in encoded.features.gem.shape[1:3])
 
     # SAM-style convenience ---------------------------------------------------------------------
     def set_image(self, image: ImageLike) -> EncodedImage:
@@ -200,3 +211,4 @@ class HeatmapPredictor:
         if self._current is None:
             raise InvalidInputError("call set_image() before predict()")
         return self.similarity(self._current, prompts)
+

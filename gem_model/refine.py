@@ -41,6 +41,19 @@ def _resize(x: np.ndarray, height: int, width: int, resample: int) -> np.ndarray
     return out.reshape(*x.shape[:-2], height, width)
 
 
+def resize_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """An image array [H, W] or [H, W, C] reduced (area average) to [height, width]; unchanged if it fits."""
+    img = np.asarray(image)
+    if img.shape[:2] == (height, width) or img.ndim not in (2, 3):
+        return img   # guide_from_image names a wrong shape
+    if img.dtype == np.uint8 and (img.ndim == 2 or img.shape[2] in (3, 4)):
+        return np.asarray(Image.fromarray(img).resize((width, height), Image.BOX))
+    planes = img.astype(np.float32)
+    planes = planes[None] if planes.ndim == 2 else np.moveaxis(planes, -1, 0)
+    out = _resize(np.ascontiguousarray(planes), height, width, Image.BOX)
+    return out[0] if img.ndim == 2 else np.moveaxis(out, 0, -1)
+
+
 def guide_from_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
     """RGB guide float32 [3, H, W] in 0..1 from uint8/float RGB, RGBA or grey images."""
     img = np.asarray(image)

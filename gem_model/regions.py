@@ -1,8 +1,14 @@
 """Similarity maps -> regions an annotator can correct: mask, outer polygons, box, score.
 
-Input is what the GEM core hands over per image: raw cosine similarities `sims [L, H, W]`
-(one map per label, several prompts of a label already max-combined) at the original image size,
-and optionally the RGB image for edge refinement. Output is one `ImageRegions`.
+Input is what the GEM core hands over per image: raw cosine similarities `sims [L, h, w]`
+(one map per label, several prompts of a label already max-combined) at a working resolution
+(a few times the model's patch grid, `RegionConfig.work_scale`; the original size works too),
+the original image size, and optionally the RGB image for edge refinement. Output is one
+`ImageRegions` in original pixel coordinates.
+
+Everything below runs at the working resolution; only the results are scaled: polygons and boxes to
+original pixels, and a region's full-size mask is made on demand (`Region.mask`, nearest neighbour),
+so a 50-megapixel photo costs what its working-size copy costs.
 
 Pipeline (each step a small pure function below):
 
@@ -14,7 +20,7 @@ Pipeline (each step a small pure function below):
 5. describe    components -> `Region` (mask, box, polygons, score); image score
 
 Coordinates: pixel (r, c) covers x in [c, c+1], y in [r, r+1]; boxes and polygons use that frame
-(see `masks.py`).
+(see `masks.py`) at both resolutions, so a working-resolution vertex x becomes x * W / w.
 """
 from __future__ import annotations
 
@@ -27,13 +33,14 @@ from scipy import ndimage
 
 from .errors import InvalidInputError
 from .masks import (
-    area_in_pixels, fill_small_holes, label_components, mask_bounds, mask_to_bbox, mask_to_polygons,
-    remove_small_components, component_polygon, component_polygons,
+    area_in_pixels, cell_starts, fill_small_holes, label_components, mask_bounds, mask_to_bbox,
+    mask_to_polygons, remove_small_components, component_polygon, component_polygons, upsample_mask,
 )
-from .refine import guide_from_image, refine_label_map, refine_masks
+from .refine import guide_from_image, refine_label_map, refine_masks, resize_image
 
 __all__ = [
     "ImageRegions", "Region", "RegionConfig", "assign_semantic", "clean_mask", "extract_regions",
+    "working_size",
     "image_score", "independent_cutoffs", "mask_to_bbox", "mask_to_polygons", "pixel_confidence",
     "presence_probability", "region_score", "softmax_over_labels",
     "suggest_min_similarity", "threshold_independent", "validate_similarities",
@@ -41,6 +48,7 @@ __all__ = [
 
 MODES = ("auto", "semantic", "independent")
 REFINE_METHODS = ("none", "guided")
+RECTANGLES = ("object", "label")
 BACKGROUND = -1  # label-map value of pixels no label claims
 
 
@@ -88,8 +96,18 @@ class RegionConfig:
     instances: bool = _setting(
         False, "-",
         "true: one region per connected component; false: one region per label (mask may have several parts)")
+    rectangles: str = _setting(
+        "object", "-",
+        '"object": one box per connected component (two dogs, two boxes); "label": one box around all '
+        "parts of a label")
+    work_scale: float = _setting(
+        8.0, "x patch grid",
+        "regions are computed at this many times the model's patch grid per side (8: a 28-patch side "
+        "becomes 224 px; with refine=guided at least refine_max_side on the long side), never above "
+        "the image size, then scaled to original pixels")
     polygon_tolerance: float = _setting(
-        2.0, "px", "Douglas-Peucker simplification tolerance of polygon outlines")
+        2.0, "working px", "Douglas-Peucker simplification tolerance of polygon outlines, in pixels of the "
+        "working resolution (work_scale), where outlines are traced")
     max_polygon_points: int = _setting(
         100, "points", "at most this many vertices per polygon (the tolerance is raised until it fits)")
     refine: str = _setting(
@@ -101,7 +119,8 @@ class RegionConfig:
         1e-3, "(colour 0..1)^2",
         "guided filter regularisation; larger = smoother edges that follow the image less")
     refine_max_side: int = _setting(
-        512, "px", "the guided filter's coefficients are computed at most this large (speed), applied at full size")
+        512, "px", "the guided filter's coefficients are computed at most this large (speed); with refine=guided "
+        "the working resolution's long side is raised to this")
 
     def __post_init__(self):
         def check(ok: bool, name: str, rule: str):
@@ -114,6 +133,8 @@ class RegionConfig:
 
         check(self.mode in MODES, "mode", f"must be one of {MODES}")
         check(self.refine in REFINE_METHODS, "refine", f"must be one of {REFINE_METHODS}")
+        check(self.rectangles in RECTANGLES, "rectangles", f"must be one of {RECTANGLES}")
+        check(finite("work_scale") and 1 <= self.work_scale <= 64, "work_scale", "must be in [1, 64]")
         check(finite("softmax_scale") and self.softmax_scale > 0, "softmax_scale", "must be > 0")
         check(finite("min_similarity"), "min_similarity", "must be a finite number")
         for name in ("background_threshold", "independent_threshold", "relative_threshold"):
@@ -135,14 +156,21 @@ class RegionConfig:
 
 @dataclass(eq=False)
 class Region:
-    """One thing to show the annotator. Coordinates are pixels of the original image."""
+    """One thing to show the annotator. Coordinates are pixels of the original image (H x W)."""
     label: str
     prompt: Optional[str]
-    mask: np.ndarray                 # bool [H, W]; keeps holes
+    work_mask: np.ndarray            # bool [h, w] at the working resolution; keeps holes
     score: float                     # 0..1, mean pixel confidence inside the mask
     bbox: tuple[int, int, int, int]  # (x0, y0, x1, y1), x1/y1 exclusive: mask[y0:y1, x0:x1] holds it all
     polygons: list[np.ndarray]       # [N, 2] float (x, y), outer contours only, one per component
-    area: int                        # mask pixels
+    area: int                        # pixels of the full-size mask
+    boxes: list[tuple[int, int, int, int]]  # one per component (rectangles="object") or [bbox]
+    size: tuple[int, int]            # (H, W) of the original image
+
+    @property
+    def mask(self) -> np.ndarray:
+        """bool [H, W] at the original size: `work_mask` enlarged by nearest neighbour (made on each call)."""
+        return upsample_mask(self.work_mask, *self.size)
 
 
 @dataclass(eq=False)
@@ -331,43 +359,67 @@ def image_score(regions: Sequence[Region]) -> float:
 
 # ---------------------------------------------------------------------------------------------- main
 
+def working_size(original_size: tuple[int, int], grid_size: tuple[int, int],
+                 config: RegionConfig = RegionConfig()) -> tuple[int, int]:
+    """(h, w) at which regions are made for an image of `original_size` whose maps come from a patch
+    grid of `grid_size`: `work_scale` x the grid per side; with refine="guided" at least
+    `refine_max_side` on the long side (edges follow the image's pixels, not the grid's); never
+    above the original size (per side)."""
+    height, width = (int(v) for v in original_size)
+    h, w = config.work_scale * grid_size[0], config.work_scale * grid_size[1]
+    if config.refine == "guided":
+        grow = max(1.0, config.refine_max_side / max(h, w))
+        h, w = h * grow, w * grow
+    return max(1, min(height, int(round(h)))), max(1, min(width, int(round(w))))
+
+
 def extract_regions(sims, labels: Sequence[str], config: RegionConfig = RegionConfig(),
                     image: Optional[np.ndarray] = None,
-                    prompts: Union[Sequence[Optional[str]], Mapping[str, str], None] = None) -> ImageRegions:
+                    prompts: Union[Sequence[Optional[str]], Mapping[str, str], None] = None,
+                    size: Optional[tuple[int, int]] = None) -> ImageRegions:
     """Regions of one image from its raw cosine-similarity maps.
 
-    sims    float [L, H, W], one map per label, original image size ([H, W] allowed for one label)
+    sims    float [L, h, w], one map per label at the working resolution (or at the original size);
+            [h, w] allowed for one label
     labels  L unique label names
     config  RegionConfig
-    image   optional RGB uint8 [H, W, 3] (grey and RGBA accepted); required for refine="guided"
+    image   optional RGB uint8 image, [h, w, 3] or [H, W, 3] (grey and RGBA accepted); required for
+            refine="guided"; an original-size image is reduced to the working size
     prompts optional prompt text per label (list aligned with labels, or {label: prompt}); copied to Region.prompt
+    size    (H, W) of the original image, at least the maps' size; default: the maps' size.
+            Boxes, polygons, areas and `Region.mask` are in this frame; pixel settings (min_area,
+            fill_holes_area and refine_radius when >= 1) are original pixels, polygon_tolerance is
+            working pixels (the grid the outlines are traced on)
     """
     labels = list(labels)
     if not labels:
         arr = np.asarray(sims)
         if arr.ndim == 3 and arr.shape[0] > 0:
             raise InvalidInputError(f"{arr.shape[0]} similarity maps for 0 labels")
-        height, width = (arr.shape[-2:] if arr.ndim >= 2 else
+        height, width = (size if size is not None else arr.shape[-2:] if arr.ndim >= 2 else
                          np.asarray(image).shape[:2] if image is not None else (0, 0))
         return ImageRegions(regions=[], score=0.0, height=int(height), width=int(width))
 
     sims = validate_similarities(sims, labels)
-    num_labels, height, width = sims.shape
+    num_labels, h, w = sims.shape
+    height, width = _original_size(size, h, w)
     prompt_of = _prompt_for(prompts, labels)
     if image is not None:
         image = np.asarray(image)
-        if image.shape[:2] != (height, width):
+        if image.shape[:2] not in ((h, w), (height, width)):
             raise InvalidInputError(f"image shape {image.shape} does not match the similarity maps' "
-                                    f"{height}x{width} (H x W)")
+                                    f"{h}x{w} or the original size {height}x{width} (H x W)")
     guide = None
     if config.refine == "guided":
         if image is None:
             raise InvalidInputError('refine="guided" needs the RGB image (pass image=...)')
-        guide = guide_from_image(image, height, width)
+        guide = guide_from_image(resize_image(image, h, w), h, w)
     mode = config.resolved_mode(num_labels)
-    min_pixels = area_in_pixels(config.min_area, height, width)
-    hole_pixels = area_in_pixels(config.fill_holes_area, height, width)
-    radius = config.refine_radius if config.refine_radius >= 1 else config.refine_radius * min(height, width)
+    to_work = (h * w) / (height * width)                 # original pixels -> working pixels (area)
+    min_pixels = _area_setting(config.min_area, h, w, to_work)
+    hole_pixels = _area_setting(config.fill_holes_area, h, w, to_work)
+    radius = (config.refine_radius * min(h, w) / min(height, width) if config.refine_radius >= 1
+              else config.refine_radius * min(h, w))
 
     if mode == "semantic":
         label_map = assign_semantic(sims, config)
@@ -381,6 +433,7 @@ def extract_regions(sims, labels: Sequence[str], config: RegionConfig = RegionCo
             raw = refine_masks(raw, guide, radius, config.refine_eps, config.refine_max_side)
         masks = [clean_mask(m, min_pixels, hole_pixels) for m in raw]
 
+    frame = _Frame(height, width, cell_starts(h, height), cell_starts(w, width))
     flat_sims = sims.reshape(num_labels, -1)
     regions: list[Region] = []
     for index, mask in enumerate(masks):
@@ -390,8 +443,51 @@ def extract_regions(sims, labels: Sequence[str], config: RegionConfig = RegionCo
         pixels = np.flatnonzero(mask)  # row-major, the same order as mask[bounds][crop]
         at_pixels = flat_sims[index:index + 1, pixels] if mode == "independent" else flat_sims[:, pixels]
         confidence = pixel_confidence(at_pixels, 0 if mode == "independent" else index, mode, config)
-        regions.extend(_describe(mask, bounds, confidence, labels[index], prompt_of[index], config))
+        regions.extend(_describe(mask, bounds, confidence, labels[index], prompt_of[index], config, frame))
     return ImageRegions(regions=regions, score=image_score(regions), height=height, width=width)
+
+
+def _original_size(size, h: int, w: int) -> tuple[int, int]:
+    if size is None:
+        return h, w
+    try:
+        height, width = (int(v) for v in size)
+    except (TypeError, ValueError):
+        raise InvalidInputError(f"size must be (height, width), got {size!r}") from None
+    if height < h or width < w:
+        raise InvalidInputError(f"the original size {height}x{width} is smaller than the similarity maps' "
+                                f"{h}x{w}; give maps at most at the image's size")
+    return height, width
+
+
+def _area_setting(value: float, h: int, w: int, to_work: float) -> float:
+    """An area knob in working pixels: a fraction of the image, or original pixels scaled down."""
+    pixels = area_in_pixels(value, h, w)
+    return pixels * to_work if value >= 1 else pixels
+
+
+@dataclass(frozen=True)
+class _Frame:
+    """The original image's frame and where every working row and column starts in it."""
+    height: int
+    width: int
+    row_starts: np.ndarray    # int64 [h + 1] (masks.cell_starts)
+    col_starts: np.ndarray    # int64 [w + 1]
+
+    def box(self, rows: slice, cols: slice) -> tuple[int, int, int, int]:
+        """Working (rows, cols) extent -> exact (x0, y0, x1, y1) extent of the enlarged mask."""
+        return (int(self.col_starts[cols.start]), int(self.row_starts[rows.start]),
+                int(self.col_starts[cols.stop]), int(self.row_starts[rows.stop]))
+
+    def polygon(self, poly: np.ndarray, h: int, w: int) -> np.ndarray:
+        """Working-pixel-corner vertices -> original-pixel-corner vertices (x * W / w, y * H / h)."""
+        # multiply first: a vertex on the far edge (x = w) lands exactly on W
+        return np.clip(poly * (self.width, self.height) / (w, h), 0, (self.width, self.height))
+
+    def pixel_areas(self, rows: slice, cols: slice) -> np.ndarray:
+        """Original pixels covered by each working pixel of the crop: int64 [rows, cols]."""
+        return np.outer(np.diff(self.row_starts[rows.start:rows.stop + 1]),
+                        np.diff(self.col_starts[cols.start:cols.stop + 1]))
 
 
 def _clean_label_map(label_map: np.ndarray, num_labels: int, min_pixels: float,
@@ -420,32 +516,47 @@ def _clean_label_map(label_map: np.ndarray, num_labels: int, min_pixels: float,
 
 
 def _describe(mask: np.ndarray, bounds, confidence: np.ndarray, label: str, prompt: Optional[str],
-              config: RegionConfig) -> list[Region]:
-    """Regions of one label's cleaned mask: the whole label, or one per component."""
+              config: RegionConfig, frame: _Frame) -> list[Region]:
+    """Regions of one label's cleaned working-resolution mask: the whole label, or one per component."""
     rows, cols = bounds
+    h, w = mask.shape
     origin = (rows.start, cols.start)
     components, count = label_components(mask[bounds])
     tolerance, max_points = config.polygon_tolerance, config.max_polygon_points
-    if not config.instances:
-        polygons = component_polygons(components, origin, tolerance, max_points)
-        return [Region(label=label, prompt=prompt, mask=mask, score=region_score(confidence),
-                       bbox=(cols.start, rows.start, cols.stop, rows.stop), polygons=polygons,
-                       area=int(confidence.size))]
-    ids = components[mask[bounds]]                                       # component of each mask pixel
+    inside = mask[bounds]
+    ids = components[inside]                                             # component of each mask pixel
     sizes = np.bincount(ids, minlength=count + 1)
-    totals = np.bincount(ids, weights=confidence, minlength=count + 1)
+    areas = np.bincount(ids, weights=frame.pixel_areas(rows, cols)[inside], minlength=count + 1)
     objects = ndimage.find_objects(components)
-    regions = []
-    for component_id in np.argsort(-sizes[1:], kind="stable") + 1:
-        component_id = int(component_id)
+    order = [int(i) + 1 for i in np.argsort(-sizes[1:], kind="stable")]  # largest first
+    size = (frame.height, frame.width)
+
+    def box_of(component_id: int) -> tuple[int, int, int, int]:
         r, c = objects[component_id - 1]
-        full = np.zeros_like(mask)
-        full[rows.start + r.start:rows.start + r.stop, cols.start + c.start:cols.start + c.stop] = \
+        return frame.box(slice(rows.start + r.start, rows.start + r.stop),
+                         slice(cols.start + c.start, cols.start + c.stop))
+
+    def polygon_of(component_id: int) -> Optional[np.ndarray]:
+        poly = component_polygon(components, objects, component_id, origin, tolerance, max_points)
+        return None if poly is None else frame.polygon(poly, h, w)
+
+    if not config.instances:
+        bbox = frame.box(rows, cols)
+        polygons = [p for p in map(polygon_of, order) if p is not None]
+        boxes = [box_of(i) for i in order] if config.rectangles == "object" else [bbox]
+        return [Region(label=label, prompt=prompt, work_mask=mask, score=region_score(confidence),
+                       bbox=bbox, polygons=polygons, area=int(round(areas.sum())), boxes=boxes, size=size)]
+    totals = np.bincount(ids, weights=confidence, minlength=count + 1)
+    regions = []
+    for component_id in order:
+        r, c = objects[component_id - 1]
+        part = np.zeros_like(mask)
+        part[rows.start + r.start:rows.start + r.stop, cols.start + c.start:cols.start + c.stop] = \
             components[r, c] == component_id
-        polygon = component_polygon(components, objects, component_id, origin, tolerance, max_points)
-        bbox = (cols.start + c.start, rows.start + r.start, cols.start + c.stop, rows.start + r.stop)
-        regions.append(Region(label=label, prompt=prompt, mask=full,
+        polygon = polygon_of(component_id)
+        bbox = box_of(component_id)
+        regions.append(Region(label=label, prompt=prompt, work_mask=part,
                               score=float(np.clip(totals[component_id] / sizes[component_id], 0, 1)),
                               bbox=bbox, polygons=[polygon] if polygon is not None else [],
-                              area=int(sizes[component_id])))
+                              area=int(round(areas[component_id])), boxes=[bbox], size=size))
     return regions

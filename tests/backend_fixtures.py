@@ -84,11 +84,16 @@ class FakePredictor:
         finally:
             self._leave()
 
-    def similarity(self, encoded, prompts):
+    def grid_size(self, encoded):
+        """The fake's maps are pixel-exact: its "grid" is the image, so regions are made at its size."""
+        return tuple(encoded.original_size)
+
+    def similarity(self, encoded, prompts, output_size=None):
         self._enter()
         try:
             self.similarity_calls.append(tuple(prompts))
             h, w = encoded.original_size
+            assert output_size in (None, (h, w)), "the fake makes maps at the encoded size only"
             maps = []
             for prompt in prompts:
                 p = set(prompt.lower().split())   # whole words: "Bright" must not mean "right"
@@ -129,7 +134,7 @@ class FakeImageRegions:
     score: float
 
 
-def fake_extract_regions(heatmaps, labels, config=None, image=None, prompts=None):
+def fake_extract_regions(heatmaps, labels, config=None, image=None, prompts=None, size=None):
     """Argmax over labels, foreground where the winner's map exceeds 0.5; one region per label."""
     heatmaps = np.asarray(heatmaps)
     winner = heatmaps.argmax(axis=0)

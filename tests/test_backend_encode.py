@@ -5,7 +5,7 @@ import numpy as np
 from label_studio_sdk.converter.brush import decode_rle
 from label_studio_sdk.label_interface import LabelInterface
 
-from backend.encode import encode_regions, mask_bbox
+from backend.encode import brush_rle, encode_regions, mask_bbox
 from backend.label_config import parse_label_config
 from backend_fixtures import MIXED_CONFIG, FakeRegion
 
@@ -65,3 +65,54 @@ def test_items_carry_config_names_and_validate_with_the_sdk():
 
 def test_labels_missing_from_the_config_are_dropped():
     assert encode_regions(_controls()["brush"], [_region("Cat")], 40, 30) == []
+
+
+def test_brush_rle_of_a_working_mask_decodes_to_the_enlarged_mask():
+    """Brush RLE made from a small mask equals the mask enlarged to the image size (any ratio)."""
+    from gem_model.masks import upsample_mask
+
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        h, w = rng.integers(1, 16, 2)
+        height, width = h * rng.integers(1, 4) + rng.integers(0, 5), w * rng.integers(1, 4) + rng.integers(0, 5)
+        mask = rng.random((h, w)) < rng.random()
+        decoded = decode_rle(brush_rle(mask, height, width)).reshape(height, width, 4)
+        assert np.array_equal(decoded[..., 3] > 0, upsample_mask(mask, height, width))
+        assert set(np.unique(decoded)) <= {0, 255}
+
+
+def test_brush_rle_long_runs_and_agreement_with_the_sdk_encoder():
+    from label_studio_sdk.converter.brush import mask2rle
+
+    mask = np.zeros((300, 500), bool)
+    mask[20:280, 10:490] = True                      # runs far longer than one 65536-byte field
+    ours = brush_rle(mask, 300, 500)
+    sdk = [int(v) for v in mask2rle(np.where(mask, np.uint8(255), np.uint8(0)))]
+    assert ours == sdk[:len(ours)] and not any(sdk[len(ours):])   # the SDK only pads more zeros
+    assert np.array_equal(decode_rle(brush_rle(np.ones((2, 2), bool), 3000, 4000)).reshape(3000, 4000, 4)[..., 3],
+                          np.full((3000, 4000), 255))
+
+
+def test_rectangles_one_per_object_from_gem_model_regions():
+    import dataclasses
+
+    from gem_model.regions import RegionConfig, extract_regions
+
+    sims = np.full((1, 30, 40), 0.1, np.float32)
+    sims[0, 3:10, 2:12] = 0.6
+    sims[0, 15:28, 20:38] = 0.6
+    config = RegionConfig(min_area=0)
+    controls = _controls()
+    for rectangles, expected in [("object", 2), ("label", 1)]:
+        (region,) = extract_regions(sims, ["Bright"], dataclasses.replace(config, rectangles=rectangles),
+                                    size=(300, 400)).regions
+        items = encode_regions(controls["rectangle"], [region], 400, 300)
+        assert len(items) == expected
+        boxes = [(i["value"]["x"], i["value"]["y"], i["value"]["width"], i["value"]["height"]) for i in items]
+        if rectangles == "object":
+            assert boxes == [(50.0, 50.0, 45.0, 43.3333), (5.0, 10.0, 25.0, 23.3333)]
+        else:
+            assert boxes == [(5.0, 10.0, 90.0, 83.3333)]
+        assert len(encode_regions(controls["polygon"], [region], 400, 300)) == 2   # polygons: one per part
+        (brush,) = encode_regions(controls["brush"], [region], 400, 300)
+        assert np.array_equal(decode_rle(brush["value"]["rle"]).reshape(300, 400, 4)[..., 3] > 0, region.mask)

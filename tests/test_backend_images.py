@@ -254,3 +254,21 @@ def test_jwt_detection_and_origin():
     assert jwt_claims("a.b.c") is None
     assert origin("http://LS:80/x") == origin("http://ls/y") != origin("https://ls/y")
     assert origin("http://ls:8080/") != origin("http://ls:8081/")
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+@pytest.mark.parametrize("orientation", [None, 6])
+def test_large_images_decode_small_but_report_their_original_size(fmt, orientation):
+    """With min_side, a 1600x1200 photo is decoded at a quarter (JPEG draft) or box-reduced (others);
+    width/height stay the original's, as Label Studio shows it (EXIF turns included)."""
+    data = square_image(1600, 1200, box=(400, 300, 800, 900), fmt=fmt, exif_orientation=orientation)
+    full = decode_image(data)
+    small = decode_image(data, min_side=256)
+    turned = orientation == 6
+    assert (full.width, full.height) == ((1200, 1600) if turned else (1600, 1200))
+    assert (small.width, small.height) == (full.width, full.height)
+    assert min(small.image.size) >= 256 and max(small.image.size) <= 800
+    # the same picture: the white box lands where it is at full size
+    reduced = np.asarray(full.image.convert("L").resize(small.image.size, resample=2)) > 128
+    assert np.mean(reduced == (np.asarray(small.image.convert("L")) > 128)) > 0.98
+    assert decode_image(data, min_side=5000).image.size == full.image.size   # never enlarged

@@ -145,3 +145,33 @@ def test_failed_model_load_is_reported(tiny_model_files, tmp_path):
                                           "label_config": BRUSH_CONFIG})
     assert reply.status_code == 503 and "failed to load" in reply.get_json()["error"]
     model.close()
+
+
+def test_large_photo_is_answered_at_its_original_size(app):
+    """A 1600x1200 JPEG, turned by EXIF: regions come from the working resolution, the answer is in the
+    original frame: brush masks decode at full size, boxes and polygons stay inside, one box per part."""
+    rng = np.random.default_rng(3)
+    array = (rng.random((12, 16, 3)) * 255).astype(np.uint8)
+    photo = Image.fromarray(array).resize((1600, 1200), Image.NEAREST)
+    buffer = io.BytesIO()
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = 6
+    photo.save(buffer, format="JPEG", quality=90, exif=exif.tobytes())
+    uri = "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+    (prediction,) = _predict(app, [{"id": 1, "data": {"image": uri}}], MIXED_CONFIG)
+    result = prediction["result"]
+    assert result and LabelInterface(MIXED_CONFIG).validate_prediction(prediction, return_errors=True) == []
+    by_type: dict = {}
+    for item in result:
+        assert (item["original_width"], item["original_height"]) == (1200, 1600)
+        by_type.setdefault(item["type"], []).append(item)
+        if item["type"] == "brushlabels":
+            assert _mask(item).shape == (1600, 1200) and _mask(item).any()
+        elif item["type"] == "rectanglelabels":
+            v = item["value"]
+            assert 0 <= v["x"] and 0 <= v["y"] and v["x"] + v["width"] <= 100.0001 and v["y"] + v["height"] <= 100.0001
+        else:
+            points = np.array(item["value"]["points"])
+            assert points.min() >= 0 and points.max() <= 100
+    labels = lambda kind: sorted(i["value"][kind][0] for i in by_type[kind])  # noqa: E731
+    assert labels("rectanglelabels") == labels("polygonlabels")         # one box per part, as polygons

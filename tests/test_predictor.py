@@ -125,3 +125,25 @@ def test_any_pil_mode_is_accepted(model, mode):
     predictor = HeatmapPredictor(model, image_size=32)
     predictor.set_image(image)
     assert predictor.predict(["cat"]).shape == (1, 24, 40)
+
+
+def test_similarity_at_a_working_size(model):
+    """Maps can be asked at any size, e.g. the regions' working size, a multiple of the patch grid."""
+    from gem_model.regions import RegionConfig, working_size
+
+    predictor = HeatmapPredictor(model, image_size=64)
+    image = random_image(300, 400)
+    encoded = predictor.encode([image])[0]
+    grid = predictor.grid_size(encoded)
+    assert grid == (encoded.input_size[0] // predictor.patch, encoded.input_size[1] // predictor.patch)
+    work = working_size((300, 400), grid, RegionConfig(work_scale=2))
+    assert work == (2 * grid[0], 2 * grid[1])
+    small = predictor.similarity(encoded, ["cat"], output_size=work)
+    assert small.shape == (1, *work) and small.dtype == np.float32
+    full = predictor.similarity(encoded, ["cat"])
+    assert full.shape == (1, 300, 400)
+    # both are bilinear views of the same grid: the reduced full map is close to the working map
+    reduced = np.asarray(Image.fromarray(full[0]).resize(work[::-1], Image.BOX))
+    assert np.abs(reduced - small[0]).max() < 0.1 * (np.ptp(full) + 1e-6)
+    with pytest.raises(InvalidInputError):
+        predictor.similarity(encoded, ["cat"], output_size=(0, 5))
