@@ -174,13 +174,14 @@ def test_class_lists_have_the_standard_sizes():
     assert len(prompt_templates("imagenet80")) == 80
 
 
-def test_cli_runs_the_model_end_to_end(tmp_path, tiny_model_files, capsys):
+@pytest.mark.parametrize("mode", ["gem", "clearclip", "naclip"])
+def test_cli_runs_the_model_end_to_end(tmp_path, tiny_model_files, capsys, mode):
     name, config_path, checkpoint = tiny_model_files
     write_voc(tmp_path, [LABEL_A, LABEL_B])
     code = main(["--dataset", "voc", "--root", str(tmp_path), "--model", name, "--pretrained", str(checkpoint),
-                 "--model-config", str(config_path), "--device", "cpu", "--image-size", "32",
+                 "--model-config", str(config_path), "--device", "cpu", "--image-size", "32", "--mode", mode,
                  "--templates", "simple", "--slide", "--crop", "16", "--stride", "8", "--pamr-iters", "2",
-                 "--limit", "1", "--no-progress"])
+                 "--bg-threshold", "0.5", "--limit", "1", "--no-progress"])
     assert code == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("mIoU: ") and 0 <= float(last.split()[1]) <= 100
@@ -199,3 +200,14 @@ def test_segmenter_takes_the_best_name_of_each_class(tiny_model_files):
     assert torch.allclose(both[0], torch.maximum(cat[0], dog[0]), atol=1e-5), \
         (both[0] - torch.maximum(cat[0], dog[0])).abs().max()
     assert torch.allclose(both[1], cat[1], atol=1e-5)
+
+
+def test_background_threshold_uses_the_softmax_of_scaled_scores():
+    seg = Segmenter.__new__(Segmenter)   # the decision rule alone, on scores we choose
+    seg.background, seg.bg_threshold, seg.logit_scale = 0, 0.6, 1.0
+    scores = torch.tensor([[[0.0, 0.0]], [[2.0, 0.1]], [[0.0, 0.0]]])     # [C=3, 1, 2]
+    seg.scores = lambda image, size=None: scores.clone()
+    # pixel 0: best = class 1 with e^2 / (e^2 + 2) = 0.79 >= 0.6 -> stays; pixel 1: 0.36 -> background
+    assert seg.predict(None).tolist() == [[1, 0]]
+    seg.bg_threshold = 0.0
+    assert seg.predict(None).tolist() == [[1, 1]]
