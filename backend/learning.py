@@ -714,7 +714,10 @@ def _load_predictor(settings: Settings):
     model = gem_model.create_gem_model(
         model_name=settings.model_name, pretrained=pretrained, device=settings.device, gem_depth=settings.gem_depth,
         ss_attn_iter=settings.ss_attn_iter, ss_attn_temp=settings.ss_attn_temp, precision=settings.precision,
-        model_config=settings.model_config or None, cache_dir=settings.weights_dir)
+        model_config=settings.model_config or None, cache_dir=settings.weights_dir,
+        # the same patch embeddings as the prediction path (backend/pipeline.py load_predictor)
+        mode=settings.method, slide_crop=settings.slide_crop,
+        slide_stride=settings.slide_stride if settings.slide_crop else 0)
     return gem_model.HeatmapPredictor(model, image_size=settings.image_size, resize_mode=settings.resize_mode,
                                       cache_bytes=0)
 

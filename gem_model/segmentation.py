@@ -54,7 +54,8 @@ def class_embeddings(model: GemModel, names: Sequence[str], templates: Sequence[
     parts = []
     for start in range(0, len(texts), chunk):
         tokens = model.tokenizer(texts[start:start + chunk])
-        parts.append(F.normalize(model._text_features(tokens).float(), dim=-1))
+        with model._text_lock:       # _text_features swaps tensors for one call: one caller at a time
+            parts.append(F.normalize(model._text_features(tokens).float(), dim=-1))
     embeddings = torch.cat(parts).reshape(len(names), len(templates), -1).mean(dim=1)
     return F.normalize(embeddings, dim=-1)
 
