@@ -159,6 +159,8 @@ class GemBackendModel:
             self.metrics.model_ready.set(1)
             self.metrics.model_load_seconds.set(seconds)
         logger.info("model ready (version %s) after %.1f s", self.model_version, seconds)
+        if self.learning is not None:
+            self.learning.preload()
 
     def wait_until_ready(self, timeout: float) -> None:
         """Return when ready; raise ModelNotReady when loading failed or takes longer than `timeout`."""
@@ -305,6 +307,18 @@ class ProjectLearning:
 
     def learned(self, key: str | None) -> ProjectLearned | None:
         return self.states.project_learned(key)
+
+    def preload(self) -> None:
+        """Load every project's learned state from MODEL_DIR now, so first predictions do not wait."""
+        try:
+            projects = self.store.projects()
+            loaded = [p["project"] for p in projects if self.states.get(p["project"]) is not None]
+        except Exception as exc:   # a broken state file must not stop the backend
+            logger.warning("learned state in %s not loaded: %s", self.store.path, exc)
+            return
+        if loaded:
+            logger.info("learned state loaded for %d project(s): %s", len(loaded),
+                        ", ".join(f"{p} (l{self.store.version(p)})" for p in loaded[:20]))
 
     def remember_project(self, key: str, schema: str | None) -> None:
         try:
