@@ -175,3 +175,22 @@ def test_large_photo_is_answered_at_its_original_size(app):
             assert points.min() >= 0 and points.max() <= 100
     labels = lambda kind: sorted(i["value"][kind][0] for i in by_type[kind])  # noqa: E731
     assert labels("rectanglelabels") == labels("polygonlabels")         # one box per part, as polygons
+
+
+@pytest.mark.parametrize("method", ["clearclip", "naclip"])
+def test_other_methods_with_windows_and_pamr_give_valid_predictions(tiny_model_files, tmp_path, method):
+    settings = Settings.from_env(_env(tiny_model_files, tmp_path, GEM_METHOD=method, GEM_SLIDE_CROP="32",
+                                      GEM_SLIDE_STRIDE="16", GEM_PAMR_ITERS="2"))
+    app = create_app(settings)
+    try:
+        model = app.extensions["gem"].model
+        model.wait_until_ready(120)
+        assert model.ready, model.load_error
+        tasks = [{"id": i, "data": {"image": _png(_image(width=120, height=72, seed=i))}} for i in range(2)]
+        results = _predict(app, tasks, MIXED_CONFIG)
+        interface = LabelInterface(MIXED_CONFIG)
+        for prediction in results:
+            assert prediction["result"] and prediction["model_version"] == model.model_version
+            assert interface.validate_prediction(prediction, return_errors=True) == []
+    finally:
+        app.extensions["gem"].model.close()
