@@ -79,6 +79,23 @@ def normalize(text: str) -> str:
     return " ".join(text.split()).casefold()
 
 
+# Every tag the parser handles, for warm_up().
+_WARM_UP_CONFIG = """<View>
+  <Image name="image" value="$image"/>
+  <TextArea name="prompt" toName="image"/>
+  <BrushLabels name="brush" toName="image"><Label value="a" prompts="b; c"/></BrushLabels>
+  <PolygonLabels name="poly" toName="image"><Label value="a"/></PolygonLabels>
+  <RectangleLabels name="rect" toName="image"><Label value="a"/></RectangleLabels>
+</View>"""
+
+
+def warm_up() -> None:
+    """Import label-studio-sdk's parser and parse one config. Importing it takes 1-2 s of CPU
+    (more on a busy machine); done at app creation, before the server accepts connections, it
+    keeps the first /setup within Label Studio's 3 s timeout while the model loads."""
+    parse_label_config(_WARM_UP_CONFIG)
+
+
 def split_prompts(text: str) -> tuple[str, ...]:
     """'car; automobile;;car' -> ('car', 'automobile'): trimmed, non-empty, first occurrence kept."""
     seen: dict[str, str] = {}

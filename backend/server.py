@@ -25,7 +25,7 @@ from werkzeug.exceptions import HTTPException
 
 from .background import BackgroundFinisher, BudgetedBatch
 from .claims import ClaimStore
-from .label_config import LabelConfigError, parse_label_config
+from .label_config import LabelConfigError, parse_label_config, warm_up
 from .ls_client import LabelStudioClient, LabelStudioError
 from .metrics import BackendMetrics
 from .model import (ANNOTATION_EVENTS, TRAINING_EVENTS, GemBackendModel, ModelNotReady, RequestLimitError,
@@ -288,6 +288,8 @@ def create_app(settings: Settings, model: GemBackendModel | None = None, load: b
 
     for warning in settings.warnings():
         logger.warning("%s", warning)
+    # Before the server accepts connections: the first /setup must not import the config parser.
+    warm_up()
     if load:
         model.start_loading()
     return app
