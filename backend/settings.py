@@ -390,12 +390,10 @@ class Settings:
         for f in _knob_fields():
             value = getattr(self, f.name)
             out[f.metadata["env"]] = ("<set>" if value else "") if f.metadata["secret"] else value
-        for name, value in self.region_overrides:
-            out[f"GEM_{name.upper()}"] = value
+        region = dataclasses.asdict(self.region_config()) if region_knobs() else {}
+        for rk in region_knobs():   # every region setting, with its effective value
+            out[rk.env] = region.get(rk.field, rk.default)
         return out
-
-
-_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz", ".npy")
 
 
 def check_model_files(settings: Settings) -> None:
@@ -418,19 +416,15 @@ def check_model_files(settings: Settings) -> None:
                 problem = f"is not valid JSON ({exc})"
         if problem:
             errors.append(f"GEM_MODEL_CONFIG={settings.model_config!r}: {problem}")
+    from gem_model.weights import looks_like_checkpoint_path
+
     pretrained = settings.pretrained
-    if _looks_like_path(pretrained):
+    if looks_like_checkpoint_path(pretrained):
         problem = _file_problem(pretrained) or _checkpoint_problem(pretrained)
         if problem:
             errors.append(f"GEM_PRETRAINED={pretrained!r}: {problem}")
     if errors:
         raise SettingsError("unusable model files:\n  " + "\n  ".join(errors))
-
-
-def _looks_like_path(value: str) -> bool:
-    return bool(value) and value.lower() != "none" and (
-        "/" in value or os.sep in value or value.startswith(".") or os.path.exists(value)
-        or value.lower().endswith(_CHECKPOINT_SUFFIXES))
 
 
 def _file_problem(path: str) -> str | None:
@@ -599,11 +593,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         try:
             settings = Settings.from_env()
+            check_model_files(settings)
         except SettingsError as exc:
             print(exc, file=sys.stderr)
             return 2
         for key, value in settings.public_dict().items():
             print(f"{key}={_fmt_default(value)}")
+        for warning in settings.warnings():
+            print(f"warning: {warning}", file=sys.stderr)
         return 0
     print(settings_markdown() if args.markdown else settings_text())
     return 0

@@ -19,7 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default="heatmaps.png", help="output picture (default: %(default)s)")
     parser.add_argument("--model", default="ViT-B-16", help="open_clip model name (default: %(default)s)")
     parser.add_argument("--pretrained", default="openai",
-                        help="open_clip pretrained tag or a local checkpoint file (default: %(default)s)")
+                        help="open_clip pretrained tag, a local checkpoint file, or none for random "
+                             "weights (default: %(default)s)")
     parser.add_argument("--model-config", default=None,
                         help="JSON config for an architecture open_clip does not name")
     parser.add_argument("--cache-dir", default=None, help="where downloaded weights are kept")

@@ -16,6 +16,7 @@ import torch
 
 from .errors import GemError, UnsupportedModelError, WeightsNotFoundError
 from .model import GemModel
+from .weights import cached_tag_file, check_download_possible, looks_like_checkpoint_path, parse_pretrained
 
 log = logging.getLogger(__name__)
 
@@ -25,18 +26,6 @@ SUPPORTED_TOWERS = (
     "open_clip VisionTransformer image towers (ViT-*, e.g. ViT-B-16, ViT-B-32, ViT-L-14, "
     "ViT-H-14, ViT-B-16-quickgelu) built from standard residual attention blocks"
 )
-
-# Names and tags checked to load through this code path (see README, "Models and weights").
-KNOWN_GOOD = [
-    ("ViT-B-16", "openai"),
-    ("ViT-B-32", "openai"),
-    ("ViT-L-14", "openai"),
-    ("ViT-L-14-336", "openai"),
-    ("ViT-B-16", "laion2b_s34b_b88k"),
-    ("ViT-B-16-quickgelu", "metaclip_400m"),
-    ("ViT-L-14", "laion2b_s32b_b82k"),
-]
-
 
 def normalize_model_name(model_name: str) -> str:
     """Accept the `ViT-B/16` spelling of the original CLIP release."""
@@ -89,28 +78,26 @@ def _register_config(model_name: str, model_config: Union[str, os.PathLike, Mapp
     if not all(k in config for k in ("embed_dim", "vision_cfg", "text_cfg")):
         raise GemError("a model config needs 'embed_dim', 'vision_cfg' and 'text_cfg' "
                        "(the open_clip model_configs/*.json format)")
-    # open_clip registers configs from files named after the model.
-    directory = Path(tempfile.mkdtemp(prefix="gem_model_cfg_"))
-    (directory / f"{model_name}.json").write_text(json.dumps(config))
-    open_clip.add_model_config(directory)
+    # open_clip registers configs from files named after the model; it reads them at once
+    # (add_model_config rescans), so the file is not needed afterwards.
+    with tempfile.TemporaryDirectory(prefix="gem_model_cfg_") as directory:
+        (Path(directory) / f"{model_name}.json").write_text(json.dumps(config))
+        open_clip.add_model_config(directory)
 
 
-def _looks_like_path(pretrained: str) -> bool:
-    return (os.sep in pretrained or pretrained.startswith(".")
-            or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors", ".ckpt")))
-
-
-def load_clip(model_name: str, pretrained: Optional[str], device: Union[str, torch.device] = "cpu",
+def load_clip(model_name: str, pretrained: Optional[str],
               model_config: Union[None, str, os.PathLike, Mapping[str, Any]] = None,
               cache_dir: Optional[str] = None, quick_gelu: Optional[bool] = None):
-    """Build the open_clip model with its weights, or raise a GemError that says what to do.
+    """Build the open_clip model (on the CPU) with its weights, or raise a GemError that says what to do.
 
+    pretrained: a tag, a checkpoint file, or None / "none" for random weights.
     quick_gelu: None = as the pretrained tag was trained (OpenAI weights: QuickGELU) or as the
     architecture name says (`-quickgelu`) for checkpoint files; True/False forces it.
     """
     import open_clip
 
     model_name = normalize_model_name(model_name)
+    pretrained = parse_pretrained(pretrained)
     if model_config is not None:
         _register_config(model_name, model_config)
     schema = model_name.split(":", 1)[0] if model_name.startswith(("hf-hub:", "local-dir:")) else None
@@ -125,13 +112,22 @@ def load_clip(model_name: str, pretrained: Optional[str], device: Union[str, tor
                                         f"Supported: {SUPPORTED_TOWERS}.")
 
     kwargs: dict[str, Any] = {"device": "cpu", "cache_dir": cache_dir}
+    weights = pretrained   # what open_clip is given: the tag, or the file it resolves to
     if pretrained:
-        pretrained = str(pretrained)
         tag_cfg = None if schema else open_clip.get_pretrained_cfg(model_name, pretrained)
         if tag_cfg:
             # The OpenAI weights were trained with QuickGELU: build the matching activation even
             # when the plain name (ViT-B-16) is used, as the GEM paper does.
             kwargs["force_quick_gelu"] = bool(tag_cfg.get("quick_gelu", False))
+            cached = cached_tag_file(tag_cfg, cache_dir)
+            if cached:
+                # Load the cached file directly: asking open_clip for the tag would first ask the
+                # hub whether the file changed, and retry for a minute without a network. The
+                # tag's preprocessing (mean, std, interpolation) is applied as the tag would.
+                weights = cached
+                kwargs["force_preprocess_cfg"] = dict(tag_cfg)
+            else:
+                check_download_possible(model_name, pretrained, tag_cfg, cache_dir)
         elif os.path.isfile(pretrained) and quick_gelu is None and config is not None \
                 and not config.get("quick_gelu", False):
             # A file does not say which activation it was trained with; a wrong guess loads
@@ -139,7 +135,7 @@ def load_clip(model_name: str, pretrained: Optional[str], device: Union[str, tor
             log.warning("loading %s with GELU. If these are OpenAI CLIP weights, use the "
                         "'%s-quickgelu' architecture (or quick_gelu=True).", pretrained, model_name)
         elif not os.path.isfile(pretrained):
-            if _looks_like_path(pretrained):
+            if looks_like_checkpoint_path(pretrained):
                 raise WeightsNotFoundError(f"checkpoint file not found: {pretrained}")
             tags = open_clip.list_pretrained_tags_by_model(model_name) if config else []
             tags = tags or open_clip.list_pretrained_tags_by_model(model_name.removesuffix("-quickgelu"))
@@ -149,9 +145,9 @@ def load_clip(model_name: str, pretrained: Optional[str], device: Union[str, tor
     if quick_gelu is not None:
         kwargs["force_quick_gelu"] = bool(quick_gelu)
     try:
-        clip = open_clip.create_model(model_name, pretrained=pretrained or None, **kwargs)
+        clip = open_clip.create_model(model_name, pretrained=weights, **kwargs)
     except RuntimeError as exc:
-        text = str(exc)
+        text = " ".join(str(exc).split()).rstrip(".")
         if "download" in text.lower() or "hub" in text.lower():
             raise WeightsNotFoundError(
                 f"could not download weights for {model_name} / {pretrained}: {text}. "
@@ -193,7 +189,7 @@ def create_gem_model(model_name: str = "ViT-B-16", pretrained: Optional[str] = "
     """Load an open_clip ViT and wrap it as a GEM model, in eval mode, on `device`.
 
     `pretrained` is an open_clip tag (e.g. "openai", "laion2b_s34b_b88k") or a path to a local
-    checkpoint; None gives random weights (tests, benchmarks). OpenAI weights need QuickGELU:
+    checkpoint; None or "none" gives random weights (tests, benchmarks). OpenAI weights need QuickGELU:
     chosen automatically for the `openai` tag; for a local file of them use the `-quickgelu`
     name (e.g. ViT-B-16-quickgelu) or quick_gelu=True.
 
@@ -204,12 +200,12 @@ def create_gem_model(model_name: str = "ViT-B-16", pretrained: Optional[str] = "
     if precision not in PRECISIONS:
         raise GemError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     device = resolve_device(device)
-    clip, tokenizer = load_clip(model_name, pretrained, device, model_config, cache_dir, quick_gelu)
+    clip, tokenizer = load_clip(model_name, pretrained, model_config, cache_dir, quick_gelu)
     model = GemModel(clip, tokenizer, gem_depth=gem_depth, ss_attn_iter=ss_attn_iter,
                      ss_attn_temp=ss_attn_temp, prompt_template=prompt_template,
                      text_cache_size=text_cache_size, mode=mode, naclip_sigma=naclip_sigma,
                      slide_crop=slide_crop, slide_stride=slide_stride, pamr_iters=pamr_iters)
     model = model.to(device=device, dtype=PRECISIONS[precision]).eval()
     model.model_name = normalize_model_name(model_name)
-    model.pretrained = pretrained
+    model.pretrained = parse_pretrained(pretrained)
     return model

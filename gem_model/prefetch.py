@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .errors import GemError, WeightsNotFoundError
+from .weights import offline_variable
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # download or copy failed
@@ -38,13 +39,6 @@ def default_cache_dir(environ=os.environ) -> str:
 def _one_line(exc: BaseException, limit: int = 400) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _offline_env(environ=os.environ) -> Optional[str]:
-    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        if environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE"):
-            return name
-    return None
 
 
 def pretrained_config(model_name: str, tag: str) -> dict:
@@ -89,7 +83,7 @@ def prefetch(model_name: str, tag: str, cache_dir: str) -> Path:
     except Exception as exc:  # noqa: BLE001 - hub, urllib and checksum errors all mean "not downloaded"
         lines = [f"could not download the '{tag}' weights of {model_name} from {_source(cfg)}.",
                  f"  reason: {type(exc).__name__}: {_one_line(exc)}"]
-        offline = _offline_env()
+        offline = offline_variable()
         if offline:
             lines.append(f"  {offline} is set, so downloads are disabled and only {cache_dir} was searched.")
         lines.append("  Without network access: run this command on a connected machine, then copy its "

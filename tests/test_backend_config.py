@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 
 import pytest
@@ -290,3 +291,25 @@ def test_mode_slide_and_pamr_settings_reach_the_model_and_the_version(tiny_model
     from backend.learning import _load_predictor
     learner_model = _load_predictor(settings).model
     assert (learner_model.mode, learner_model.slide_crop, learner_model.slide_stride) == ("clearclip", 32, 16)
+
+
+def test_check_validates_model_files_and_prints_every_setting(tmp_path, monkeypatch, capsys):
+    from backend.settings import main, settings_rows
+
+    for key in [k for k in os.environ if k.startswith(("GEM_", "LABEL_STUDIO_"))]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("MODEL_DIR", str(tmp_path))
+    monkeypatch.setenv("GEM_PRETRAINED", str(tmp_path / "missing.pt"))
+    assert main(["--check"]) == 2
+    error = capsys.readouterr().err
+    assert "GEM_PRETRAINED" in error and "no such file" in error
+    monkeypatch.setenv("GEM_PRETRAINED", "none")
+    monkeypatch.setenv("GEM_MIN_SIMILARITY", "0.2")
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", "k" * 20)
+    assert main(["--check"]) == 0
+    captured = capsys.readouterr()
+    printed = dict(line.split("=", 1) for line in captured.out.splitlines())
+    assert set(printed) == {env for _, env, *_ in settings_rows()}          # every setting, region ones too
+    assert printed["GEM_MIN_SIMILARITY"] == "0.2" and printed["GEM_PRETRAINED"] == "none"
+    assert printed["LABEL_STUDIO_API_KEY"] == "<set>" and "k" * 20 not in captured.out
+    assert "LABEL_STUDIO_URL" in captured.err                               # the key-without-URL warning

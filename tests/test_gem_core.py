@@ -1,6 +1,7 @@
 """GEM core against an independent float64 implementation of the method's equations."""
 import copy
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -285,8 +286,13 @@ def test_gpu_matches_cpu(tiny_model_files):
 
 
 def test_documented_model_table_is_known_to_open_clip():
-    from gem_model.factory import KNOWN_GOOD
-    assert set(KNOWN_GOOD) <= set(gem_model.available_models())
+    """The (model, tag) pairs docs/GEM.md lists ("Models and weights") load through this code path."""
+    documented = [("ViT-B-16", "openai"), ("ViT-B-32", "openai"), ("ViT-L-14", "openai"),
+                  ("ViT-L-14-336", "openai"), ("ViT-B-16", "laion2b_s34b_b88k"),
+                  ("ViT-B-16-quickgelu", "metaclip_400m"), ("ViT-L-14", "laion2b_s32b_b82k")]
+    text = (Path(__file__).resolve().parents[1] / "docs" / "GEM.md").read_text()
+    assert all(f"`{name}`" in text and f"`{tag}`" in text for name, tag in documented)
+    assert set(documented) <= set(gem_model.available_models())
 
 
 def test_openai_tag_selects_quickgelu(monkeypatch):
@@ -299,6 +305,7 @@ def test_openai_tag_selects_quickgelu(monkeypatch):
         raise RuntimeError("stop here")
 
     monkeypatch.setattr(open_clip, "create_model", fake_create)
+    monkeypatch.setattr("gem_model.factory.check_download_possible", lambda *args: None)
     with pytest.raises(WeightsNotFoundError):
         create_gem_model("ViT-B/16", "openai", device="cpu")
     assert seen["name"] == "ViT-B-16" and seen["force_quick_gelu"] is True
