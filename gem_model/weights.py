@@ -8,6 +8,7 @@ the start then fails in seconds with one line, instead of a minute of retried hu
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any, Mapping, Optional
 from urllib.parse import urlsplit
 
@@ -16,9 +17,11 @@ from .errors import WeightsNotFoundError
 # Values meaning "random weights" (tests, benchmarks, trying the server without a download).
 NO_WEIGHTS = ("", "none")
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz", ".npy")
-# The reachability check: one HEAD request, no retries. Connect + read stay under 10 s together.
+# The reachability check: one HEAD request, no retries, given up after PROBE_TOTAL_S whatever
+# hangs (name resolution has no timeout of its own).
 PROBE_CONNECT_S = 4.0
 PROBE_READ_S = 4.0
+PROBE_TOTAL_S = 8.0
 # open_clip's default file name in a hub repo named without one ("org/repo/").
 _HUB_DEFAULT_FILE = "open_clip_pytorch_model.bin"
 
@@ -122,6 +125,14 @@ def check_download_possible(model_name: str, tag: str, tag_cfg: Mapping[str, Any
 
 def _unreachable(url: str) -> Optional[str]:
     """None when `url` answers a HEAD request at all (any status), else a short reason."""
+    answer: list[Optional[str]] = []
+    probe = threading.Thread(target=lambda: answer.append(_probe(url)), name="gem-weights-probe", daemon=True)
+    probe.start()
+    probe.join(PROBE_TOTAL_S)
+    return answer[0] if answer else f"no answer within {PROBE_TOTAL_S:g} s"
+
+
+def _probe(url: str) -> Optional[str]:
     import requests
 
     try:

@@ -162,6 +162,16 @@ def test_dockerfile_cpu_variant_finds_the_torch_pins():
     assert sorted(p.split("==")[0] for p in pins) == ["torch", "torchvision"], pins
 
 
+def test_readme_cpu_install_pins_the_required_torch_versions():
+    """The README's CPU-only install must name exactly the torch/torchvision pins of requirements.txt,
+    or `pip install -r requirements.txt` afterwards replaces them with CUDA builds."""
+    pins = sorted(line.strip() for line in (ROOT / "requirements.txt").read_text().splitlines()
+                  if re.match(r"torch(vision)?==", line.strip()))
+    command = re.search(r"pip install --index-url https://download.pytorch.org/whl/cpu ([^\n]+)",
+                        (ROOT / "README.md").read_text())
+    assert command and sorted(command.group(1).split()) == pins, (command and command.group(1), pins)
+
+
 def _hadolint() -> str | None:
     for candidate in (VENV_BIN / "hadolint", shutil.which("hadolint")):
         if candidate and Path(candidate).exists():

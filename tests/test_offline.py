@@ -157,3 +157,18 @@ def test_server_load_fails_fast_in_one_line(tmp_path, no_network, caplog):
     assert model.load_error and "unreachable" in model.load_error
     problems = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(problems) == 1 and not problems[0].exc_info and "\n" not in problems[0].getMessage()
+
+
+def test_a_hanging_probe_is_given_up(monkeypatch):
+    """Name resolution has no timeout of its own: the whole check is bounded."""
+    import threading
+
+    import gem_model.weights as weights
+
+    release = threading.Event()
+    monkeypatch.setattr(weights, "_probe", lambda url: release.wait(30) and None)
+    monkeypatch.setattr(weights, "PROBE_TOTAL_S", 0.2)
+    started = time.monotonic()
+    assert weights._unreachable("https://hub.example") == "no answer within 0.2 s"
+    assert time.monotonic() - started < 5
+    release.set()
