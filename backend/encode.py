@@ -12,6 +12,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from gem_model.masks import mask_to_bbox
+
 from .label_config import ControlSpec
 
 # Percent coordinates rounded to 1e-4 % (well under a pixel even at 100k px) to keep replies small.
@@ -146,14 +148,6 @@ def rectangle_item(control: ControlSpec, label: str, bbox: Sequence[float], widt
     return item
 
 
-def mask_bbox(mask: np.ndarray) -> tuple[int, int, int, int] | None:
-    rows = np.flatnonzero(mask.any(axis=1))
-    if rows.size == 0:
-        return None
-    cols = np.flatnonzero(mask.any(axis=0))
-    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
-
-
 def region_items(control: ControlSpec, region: Any, width: int, height: int) -> list[dict[str, Any]]:
     """Result items of one gem_model Region for one control (none when the region is empty).
 
@@ -178,7 +172,7 @@ def region_items(control: ControlSpec, region: Any, width: int, height: int) -> 
         boxes = getattr(region, "boxes", None)
         if not boxes:
             bbox = getattr(region, "bbox", None)
-            boxes = [bbox if bbox is not None else mask_bbox(mask)]
+            boxes = [bbox if bbox is not None else mask_to_bbox(mask)]
         return [rectangle_item(control, label, box, width, height, score) for box in boxes]
     raise ValueError(f"unknown control kind {control.kind!r}")
 

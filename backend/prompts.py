@@ -165,9 +165,6 @@ class PromptMemory:
                 data.pop(key, None)
             self._write(data)
 
-    def forget(self, project: Any) -> None:
-        self.set(project, ())
-
     @contextlib.contextmanager
     def _locked(self, shared: bool):
         with self._lock:

@@ -42,7 +42,7 @@ __all__ = [
     "ImageRegions", "Region", "RegionConfig", "assign_semantic", "clean_mask", "extract_regions",
     "working_size",
     "image_score", "independent_cutoffs", "mask_to_bbox", "mask_to_polygons", "pixel_confidence",
-    "presence_probability", "region_score", "softmax_over_labels",
+    "presence_probability", "region_score",
     "suggest_min_similarity", "threshold_independent", "validate_similarities",
 ]
 
@@ -232,15 +232,6 @@ def presence_probability(sims: np.ndarray, min_similarity: float, softmax_scale:
     that scores `min_similarity` everywhere, i.e. sigmoid(scale * (sim - min_similarity))."""
     x = softmax_scale * (np.asarray(sims, dtype=np.float32) - np.float32(min_similarity))
     return (0.5 * (1.0 + np.tanh(0.5 * x))).astype(np.float32)  # overflow-free sigmoid
-
-
-def softmax_over_labels(sims: np.ndarray, softmax_scale: float) -> np.ndarray:
-    """P(label | one of the labels) per pixel, softmax over axis 0 of [L, ...] (CLIP zero-shot rule)."""
-    logits = softmax_scale * np.asarray(sims, dtype=np.float32)
-    logits -= logits.max(axis=0, keepdims=True)
-    np.exp(logits, out=logits)
-    logits /= logits.sum(axis=0, keepdims=True)
-    return logits
 
 
 def pixel_confidence(sims_at_pixels: np.ndarray, label_index: int, mode: str,

@@ -217,7 +217,7 @@ def test_prompt_memory_persists_and_is_thread_safe(tmp_path):
     again = PromptMemory(path)
     for n in range(5):
         assert again.get(f"{n}.1") == (f"prompt {n}-9",)   # keyed by project id, not the timestamp
-    again.forget("3")
+    again.set("3", ())
     assert PromptMemory(path).get("3") == ()
     assert project_key("7.1795633591") == "7" and project_key(None) is None
 

@@ -5,9 +5,10 @@ import numpy as np
 from label_studio_sdk.converter.brush import decode_rle
 from label_studio_sdk.label_interface import LabelInterface
 
-from backend.encode import brush_rle, encode_regions, mask_bbox
+from backend.encode import brush_rle, encode_regions
 from backend.label_config import parse_label_config
 from backend_fixtures import MIXED_CONFIG, FakeRegion
+from gem_model.masks import mask_to_bbox
 
 
 def _region(label="Bright"):
@@ -16,7 +17,7 @@ def _region(label="Bright"):
     mask[20:25, 30:38] = True        # a second part
     polygons = [np.array([[10, 5], [20, 5], [20, 15], [10, 15]], float),
                 np.array([[30, 20], [38, 20], [38, 25], [30, 25]], float)]
-    return FakeRegion(label, label, mask, 0.8, mask_bbox(mask), polygons)
+    return FakeRegion(label, label, mask, 0.8, mask_to_bbox(mask), polygons)
 
 
 def _controls():

@@ -13,12 +13,19 @@ from gem_model.masks import (
 from gem_model.regions import (
     BACKGROUND, ImageRegions, Region, RegionConfig, assign_semantic, clean_mask, extract_regions, image_score,
     independent_cutoffs, pixel_confidence, presence_probability, region_score,
-    softmax_over_labels, suggest_min_similarity, threshold_independent,
+    suggest_min_similarity, threshold_independent,
 )
 
 H, W = 120, 160
 LOW, HIGH = 0.08, 0.32  # background and object cosine levels, either side of the default floor 0.20
 PLAIN = RegionConfig(min_area=0, fill_holes_area=0)
+
+
+def softmax_over_labels(sims, scale):
+    """Reference: P(label | one of the labels) per pixel, softmax over axis 0 (float64)."""
+    logits = scale * np.asarray(sims, dtype=np.float64)
+    logits = np.exp(logits - logits.max(axis=0, keepdims=True))
+    return logits / logits.sum(axis=0, keepdims=True)
 
 
 # ------------------------------------------------------------------------------------------ shapes
