@@ -18,13 +18,14 @@ The stages are small pieces other runners reuse (e.g. as Ray Data map stages)::
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import itertools
 import logging
 import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from .claims import ClaimStore
 from .ls_client import LabelStudioClient, LabelStudioError, task_prediction_versions
@@ -114,42 +115,89 @@ def predict_tasks(pipeline: PredictionPipeline, job: PredictionJob,
 
 
 class PredictionUploader:
-    """Collects payloads and stores them `chunk` at a time; asks Label Studio first, so a task that
-    got a prediction of this version meanwhile (another run, the server) is not stored twice.
+    """Collects payloads and stores them `chunk` at a time, in a background thread so the model
+    does not wait for Label Studio. Before storing it asks Label Studio whether each task got a
+    prediction of this version meanwhile (another run, the server), so none is stored twice.
 
-    `flush()` returns (stored task ids, skipped task ids, failures {task id: reason}).
+    `add()` and `flush()` return what finished since the last call: (stored task ids, skipped
+    task ids, failures {task id: reason}); `flush()` waits for everything. `on_finished(task ids)`
+    is called from the upload thread once a chunk's tasks are stored, skipped or failed.
     """
 
-    def __init__(self, client: LabelStudioClient, project: int, chunk: int = 100, check_existing: bool = True):
+    def __init__(self, client: LabelStudioClient, project: int, chunk: int = 100, check_existing: bool = True,
+                 on_finished: Callable[[list], None] | None = None, check_workers: int = 4):
         self.client = client
         self.project = project
         self.chunk = chunk
         self.check_existing = check_existing
+        self.on_finished = on_finished
         self.pending: list[Payload] = []
         self.seconds = {"ls_check": 0.0, "upload": 0.0}
+        self._uploads = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prelabel-upload")
+        self._checks = concurrent.futures.ThreadPoolExecutor(check_workers, thread_name_prefix="prelabel-check")
+        self._futures: list[concurrent.futures.Future] = []
 
     def add(self, payloads: Iterable[Payload]) -> tuple[list, list, dict]:
-        """Queue payloads; stores every full chunk now and keeps the rest for later."""
+        """Queue payloads; full chunks start uploading now, the rest waits for more or for flush()."""
         self.pending.extend(payloads)
-        return self.flush(full_chunks_only=True)
-
-    def flush(self, full_chunks_only: bool = False) -> tuple[list, list, dict]:
-        stored, skipped, failed = [], [], {}
-        while self.pending and (len(self.pending) >= self.chunk or not full_chunks_only):
+        while len(self.pending) >= self.chunk:
             part, self.pending = self.pending[:self.chunk], self.pending[self.chunk:]
-            fresh = []
-            started = time.perf_counter()
-            for payload in part:
-                try:
-                    exists = self.check_existing and self.client.has_prediction(payload["task"],
-                                                                               payload["model_version"])
-                except LabelStudioError as exc:
-                    failed[payload["task"]] = f"checking existing predictions: {exc}"
-                    continue
-                (skipped if exists else fresh).append(payload if not exists else payload["task"])
-            self.seconds["ls_check"] += time.perf_counter() - started
-            if not fresh:
-                continue
+            self._submit(part)
+        return self._collect(wait=False)
+
+    def flush(self) -> tuple[list, list, dict]:
+        if self.pending:
+            part, self.pending = self.pending, []
+            self._submit(part)
+        return self._collect(wait=True)
+
+    def _submit(self, part: list[Payload]) -> None:
+        future = self._uploads.submit(self._store, part)
+        future.task_ids = [p["task"] for p in part]   # type: ignore[attr-defined]
+        self._futures.append(future)
+
+    def in_flight(self) -> set:
+        """Task ids added but not yet stored, skipped or failed."""
+        return {p["task"] for p in self.pending} | {t for f in self._futures if not f.done()
+                                                    for t in getattr(f, "task_ids", ())}
+
+    def close(self) -> None:
+        self._uploads.shutdown(wait=True, cancel_futures=True)
+        self._checks.shutdown(wait=False, cancel_futures=True)
+
+    def _collect(self, wait: bool) -> tuple[list, list, dict]:
+        stored, skipped, failed = [], [], {}
+        keep = []
+        for future in self._futures:
+            if wait or future.done():
+                s, k, f = future.result()
+                stored += s
+                skipped += k
+                failed.update(f)
+            else:
+                keep.append(future)
+        self._futures = keep
+        return stored, skipped, failed
+
+    def _exists(self, payload: Payload) -> bool | str:
+        try:
+            return self.client.has_prediction(payload["task"], payload["model_version"])
+        except LabelStudioError as exc:
+            return f"checking existing predictions: {exc}"
+
+    def _store(self, part: list[Payload]) -> tuple[list, list, dict]:
+        stored, skipped, failed, fresh = [], [], {}, []
+        started = time.perf_counter()
+        answers = self._checks.map(self._exists, part) if self.check_existing else [False] * len(part)
+        for payload, exists in zip(part, answers):
+            if isinstance(exists, str):
+                failed[payload["task"]] = exists
+            elif exists:
+                skipped.append(payload["task"])
+            else:
+                fresh.append(payload)
+        self.seconds["ls_check"] += time.perf_counter() - started
+        if fresh:
             started = time.perf_counter()
             try:
                 self.client.create_predictions(self.project, fresh, chunk=self.chunk)
@@ -157,6 +205,8 @@ class PredictionUploader:
             except LabelStudioError as exc:
                 failed.update({p["task"]: f"upload: {exc}" for p in fresh})
             self.seconds["upload"] += time.perf_counter() - started
+        if self.on_finished is not None:
+            self.on_finished([p["task"] for p in part])
         return stored, skipped, failed
 
 
@@ -219,7 +269,8 @@ def run_prelabel(settings: Settings, project: int, *, only_unlabeled: bool = Fal
         version = job.model_version
         if claims is None:
             claims = ClaimStore(os.path.join(settings.model_dir, "claims.sqlite"))
-    uploader = PredictionUploader(client, project, chunk=upload_chunk)
+    uploader = PredictionUploader(client, project, chunk=upload_chunk,
+                                  on_finished=(lambda ids: claims.release(ids, version)) if claims else None)
     batch_tasks = batch_tasks or max(settings.batch_size * 4, 16)
 
     bar = _progress(total, progress)
@@ -248,24 +299,20 @@ def run_prelabel(settings: Settings, project: int, *, only_unlabeled: bool = Fal
                 for stage, seconds in timings.items():
                     summary.add_time(stage, seconds)
                 summary.failed.update(failures)
-                stored, skipped, upload_failed = uploader.add(payloads)
-                _count(summary, stored, skipped, upload_failed)
+                _count(summary, *uploader.add(payloads))
                 if claims is not None:
-                    # Claims of tasks still waiting in the uploader stay until they are flushed.
-                    waiting = {str(p["task"]) for p in uploader.pending}
-                    claims.release([t["id"] for t in todo if str(t["id"]) not in waiting], version)
+                    # Failed tasks are free again now; uploaded ones when their chunk is stored.
+                    claims.release([t["id"] for t in todo if t["id"] in failures], version)
             except BaseException:
                 if claims is not None:
-                    claims.release([t["id"] for t in todo], version)
+                    claims.release([t["id"] for t in todo if t["id"] not in uploader.in_flight()], version)
                 raise
             bar.update(len(batch))
             bar.set_postfix(done=summary.done, skipped=len(summary.skipped), failed=len(summary.failed))
         if not dry_run:
-            pending = [p["task"] for p in uploader.pending]
             _count(summary, *uploader.flush())
-            if claims is not None:
-                claims.release(pending, version)
     finally:
+        uploader.close()
         bar.close()
         if claims is not None and not dry_run:
             claims.release_all()

@@ -23,6 +23,7 @@ class FakeLabelStudio:
         self.predictions: list[dict] = []
         self.requests: list[tuple[str, str]] = []        # (method, path)
         self.fail_prediction_posts_for: set[int] = set()   # task ids whose upload answers 500
+        self.files: dict[str, tuple[bytes, str]] = {}      # /data/upload/... path -> (bytes, content type)
         self.lock = threading.Lock()
         owner = self
 
@@ -62,6 +63,12 @@ class FakeLabelStudio:
                 ids.append(tid)
         return ids
 
+    def add_file(self, name: str, data: bytes, content_type: str = "image/png") -> str:
+        """Serve `data` as an upload; returns the task data URL (`/data/upload/1/<name>`)."""
+        path = f"/data/upload/1/{name}"
+        self.files[path] = (data, content_type)
+        return path
+
     def predictions_of(self, task: int) -> list[dict]:
         with self.lock:
             return [p for p in self.predictions if p["task"] == task]
@@ -89,6 +96,14 @@ class FakeLabelStudio:
             self.requests.append((method, parts.path))
         if handler.headers.get("Authorization") != f"Token {self.token}":
             return self._reply(handler, 401, {"detail": "Authentication credentials were not provided."})
+        if method == "GET" and parts.path in self.files:
+            data, content_type = self.files[parts.path]
+            handler.send_response(200)
+            handler.send_header("Content-Type", content_type)
+            handler.send_header("Content-Length", str(len(data)))
+            handler.end_headers()
+            handler.wfile.write(data)
+            return
         length = int(handler.headers.get("Content-Length") or 0)
         body = json.loads(handler.rfile.read(length)) if length else None
         path = parts.path
