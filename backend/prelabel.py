@@ -217,15 +217,13 @@ def learned_for(settings: Settings, project: int):
         return None
     try:
         from .learning import DB_NAME, LearnedStates, LearningStore
-        from .pipeline import ProjectLearned
 
         if not os.path.exists(os.path.join(settings.model_dir, DB_NAME)):
             return None
-        state = LearnedStates(LearningStore(settings.model_dir), settings).get(str(project))
+        return LearnedStates(LearningStore(settings.model_dir), settings).project_learned(str(project))
     except Exception as exc:   # predict without it, as the server does
         logger.warning("project %s: learned state unreadable, predicting without it: %s", project, exc)
         return None
-    return None if state is None else ProjectLearned(version=state.version, maps=state.maps)
 
 
 # -- the run -------------------------------------------------------------------------------------------
