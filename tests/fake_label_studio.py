@@ -24,6 +24,8 @@ class FakeLabelStudio:
         self.requests: list[tuple[str, str]] = []        # (method, path)
         self.fail_prediction_posts_for: set[int] = set()   # task ids whose upload answers 500
         self.files: dict[str, tuple[bytes, str]] = {}      # /data/upload/... path -> (bytes, content type)
+        self.refresh_token: str | None = None               # a personal access token it accepts
+        self.access_tokens: set[str] = set()                 # access tokens it handed out and still accepts
         self.lock = threading.Lock()
         owner = self
 
@@ -94,7 +96,21 @@ class FakeLabelStudio:
         query = {k: v[0] for k, v in parse_qs(parts.query).items()}
         with self.lock:
             self.requests.append((method, parts.path))
-        if handler.headers.get("Authorization") != f"Token {self.token}":
+        if method == "POST" and parts.path == "/api/token/refresh/" and self.refresh_token:
+            length = int(handler.headers.get("Content-Length") or 0)
+            sent = json.loads(handler.rfile.read(length) or b"{}").get("refresh")
+            if sent != self.refresh_token:
+                return self._reply(handler, 401, {"detail": "Token is invalid"})
+            import base64
+            claims = base64.urlsafe_b64encode(json.dumps(
+                {"token_type": "access", "exp": 4102444800, "n": len(self.access_tokens)}).encode()).decode().rstrip("=")
+            header = base64.urlsafe_b64encode(b'{"alg":"HS256"}').decode().rstrip("=")
+            access = f"{header}.{claims}.sig"
+            with self.lock:
+                self.access_tokens.add(access)
+            return self._reply(handler, 200, {"access": access})
+        auth = handler.headers.get("Authorization") or ""
+        if auth != f"Token {self.token}" and not (auth.startswith("Bearer ") and auth[7:] in self.access_tokens):
             return self._reply(handler, 401, {"detail": "Authentication credentials were not provided."})
         if method == "GET" and parts.path in self.files:
             data, content_type = self.files[parts.path]

@@ -186,3 +186,17 @@ def test_client_errors_say_what_to_fix(fake_ls):
         LabelStudioClient(fake_ls.url, "")
     with pytest.raises(LabelStudioError, match="HTTP 401.*LABEL_STUDIO_API_KEY"):
         LabelStudioClient(fake_ls.url, "nope").get_project(1)
+
+
+def test_client_refreshes_a_personal_access_token_once_and_again_after_a_401(fake_ls):
+    from backend_fixtures import make_jwt
+
+    fake_ls.refresh_token = make_jwt({"token_type": "refresh", "exp": 4102444800})
+    fake_ls.add_tasks(_images(2))
+    client = LabelStudioClient(fake_ls.url, fake_ls.refresh_token)
+    assert [t["id"] for t in client.iter_tasks(1)] == [1, 2]
+    assert client.get_project(1)["task_number"] == 2
+    assert fake_ls.count("POST", "/api/token/refresh/") == 1          # cached between calls
+    fake_ls.access_tokens.clear()                                      # revoked: the next call renews once
+    assert client.get_project(1)["id"] == 1
+    assert fake_ls.count("POST", "/api/token/refresh/") == 2
