@@ -306,7 +306,8 @@ def run_prelabel(settings: Settings, project: int, *, only_unlabeled: bool = Fal
                     claims.release([t["id"] for t in todo if t["id"] not in uploader.in_flight()], version)
                 raise
             bar.update(len(batch))
-            bar.set_postfix(done=summary.done, skipped=len(summary.skipped), failed=len(summary.failed))
+            bar.set_postfix(done=summary.done, uploading=len(uploader.in_flight()), skipped=len(summary.skipped),
+                            failed=len(summary.failed))
         if not dry_run:
             _count(summary, *uploader.flush())
     finally:
