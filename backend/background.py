@@ -166,6 +166,15 @@ class BackgroundFinisher:
 
     def _finish(self, batch: list[_Item]) -> None:
         job = batch[0].job
+        stored: list = []
+        try:
+            self._predict_and_store(batch, job, stored)
+        finally:
+            # Stored tasks keep a short marker so a /predict that Label Studio prepared before they
+            # were stored does not compute them again; the rest are released by _run.
+            self.claims.mark_stored(stored, job.model_version)
+
+    def _predict_and_store(self, batch: list[_Item], job: PredictionJob, stored: list) -> None:
         predictions, report = self._pipeline().predict([i.task for i in batch], job)
         for item, prediction, outcome in zip(batch, predictions, report.outcomes):
             tid = task_id(item.task)
@@ -176,9 +185,11 @@ class BackgroundFinisher:
             try:
                 if self.client.has_prediction(tid, prediction["model_version"]):   # type: ignore[union-attr]
                     self._count("skipped")
+                    stored.append(tid)
                     continue
                 self.client.create_prediction(tid, prediction["result"], prediction["score"],  # type: ignore
                                               prediction["model_version"])
+                stored.append(tid)
                 self._count("done")
             except LabelStudioError as exc:
                 logger.warning("background: task %s: storing the prediction failed: %s", tid, exc)
@@ -244,8 +255,8 @@ class BudgetedBatch:
             if version in task_prediction_versions(task):
                 leave(i, "stored", "the task already holds a prediction of this model version")
             elif ids[i] is not None and (self.finisher.is_queued(ids[i], version) or ids[i] in others):
-                leave(i, "background", "being finished in the background; its prediction is stored through "
-                                       "Label Studio's API when done")
+                leave(i, "background", "being finished in the background (or just stored): its prediction "
+                                       "is stored through Label Studio's API")
         todo = [i for i in range(n) if answers[i] is None]
         claimable = [ids[i] for i in todo if ids[i] is not None]
         held = self.claims.claim(claimable, version, project=project_key(project))

@@ -117,6 +117,20 @@ class ClaimStore:
             db.executemany("DELETE FROM claims WHERE task=? AND model_version=? AND owner=?",
                            [(key, model_version, self.owner) for key in keys])
 
+    def mark_stored(self, task_ids: Iterable, model_version: str, hold_s: float = 60.0) -> None:
+        """Turn this owner's claims into short "just stored" markers that no process owns.
+
+        Label Studio lists the tasks to send before it calls /predict; a task stored by the
+        background in between would be computed (and stored by Label Studio) again. For `hold_s`
+        the marker makes other requests leave the task alone; then it expires like any claim."""
+        keys = [str(t) for t in task_ids]
+        if not keys:
+            return
+        with self._lock, self._connect() as db:
+            db.executemany("UPDATE claims SET owner='stored', host='', pid=0, expires=? "
+                           "WHERE task=? AND model_version=? AND owner=?",
+                           [(time.time() + hold_s, key, model_version, self.owner) for key in keys])
+
     def release_all(self) -> None:
         """Drop every claim of this owner (shutdown)."""
         with self._lock, self._connect() as db:

@@ -200,3 +200,40 @@ def test_interactive_calls_have_no_budget(tmp_path, fake_ls):
 def test_metrics_names_are_registered():
     text = BackendMetrics().render()
     assert "gem_background_queued_tasks" in text and "gem_background_tasks_total" in text
+
+
+def test_two_workers_sharing_model_dir_do_not_compute_the_same_task(tmp_path, fake_ls):
+    """Worker A is finishing tasks in the background when Label Studio's next /predict lands on B."""
+    common = dict(label_studio_url=fake_ls.url, label_studio_api_key=TOKEN)
+    app_a, gem_a = _app(tmp_path, SlowPredictor(0.1), predict_budget=0.01, **common)
+    predictor_b = FakePredictor()
+    app_b, gem_b = _app(tmp_path, predictor_b, predict_budget=60, **common)
+    tasks = _tasks(fake_ls, 10)
+    first = _predict(app_a.test_client(), tasks)
+    deferred = [t for t, r in zip(tasks, first) if "result" not in r]
+    assert deferred
+    second = _predict(app_b.test_client(), deferred)
+    busy = [r for r in second if "result" not in r]
+    assert busy and all("background" in r["error"] or "another worker" in r["error"] for r in busy)
+    _wait(lambda: gem_a.finisher.queued() == 0 and not gem_a.finisher._queued_ids)
+    answered_by_b = {t["id"] for t, r in zip(deferred, second) if "result" in r}
+    stored_by_a = {p["task"] for p in fake_ls.predictions}
+    assert not answered_by_b & stored_by_a            # never both
+    assert all(len(fake_ls.predictions_of(t["id"])) <= 1 for t in tasks)
+    gem_a.finisher.close()
+    gem_b.finisher.close()
+
+
+def test_a_task_just_stored_in_the_background_is_not_computed_again(tmp_path, fake_ls):
+    """Label Studio listed the task before the background stored it; the /predict comes after."""
+    app, gem = _app(tmp_path, SlowPredictor(0.05), predict_budget=0.01, label_studio_url=fake_ls.url,
+                    label_studio_api_key=TOKEN)
+    tasks = _tasks(fake_ls, 4)
+    client = app.test_client()
+    first = _predict(client, tasks)
+    _wait(lambda: gem.finisher.queued() == 0 and not gem.finisher._queued_ids)
+    stale = [t for t, r in zip(tasks, first) if "result" not in r]      # their bodies still list no prediction
+    assert stale and all(fake_ls.predictions_of(t["id"]) for t in stale)
+    again = _predict(client, stale)
+    assert all("result" not in r for r in again)
+    gem.finisher.close()
