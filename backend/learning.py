@@ -547,9 +547,6 @@ class Learner:
                     area = region.mask.sum()
                     if kept is None or (region.mask & kept).sum() < OVERLAP_KEPT * area:
                         deleted.setdefault(region.label, []).append(region.mask)
-            if not masks and not deleted:
-                # Nothing marked and nothing rejected: the image still teaches background.
-                pass
             encoded = predictor.encode([image.image])[0]
             features = predictor.patch_embeddings(encoded)
             grid = features.shape[:2]
@@ -635,10 +632,12 @@ class Learner:
         plan = parse_label_config(source.label_config(project), self.settings.outputs)
         started = time.perf_counter()
         logger.info("project %s: rebuilding the learned state from all annotations", project)
-        self.store.reset(project)
+        # Task by task in place, one version bump at the end: predictions meanwhile keep the old state.
         learned = failed = seen = 0
+        tasks_seen: set[str] = set()
         for task in source.annotated_tasks(project):
             seen += 1
+            tasks_seen.add(str(task.get("id")))
             try:
                 learned += self.learn_task(project, str(task.get("id")), source=source, plan=plan,
                                            task=task if isinstance(task.get("annotations"), list) else None,
@@ -650,6 +649,9 @@ class Learner:
             if seen % 10 == 0:
                 logger.info("project %s: rebuild progress: %d annotated tasks read, %d images learned, %d failed "
                             "(%.0f s)", project, seen, learned, failed, time.perf_counter() - started)
+        gone = [key for key, task in self.store.keys(project) if task not in tasks_seen]
+        if gone:   # annotations deleted while no webhook reached us
+            self.store.drop_keys(project, gone)
         version = self.recalibrate(project, plan)
         logger.info("project %s: rebuild done: %d annotated tasks, %d images learned, %d failed, version l%d, "
                     "%.1f s", project, seen, learned, failed, version, time.perf_counter() - started)

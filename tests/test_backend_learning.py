@@ -217,6 +217,11 @@ def test_the_webhook_body_is_only_a_hint(backend, project_images):
 def test_start_training_rebuilds_from_all_annotations(backend, project_images, caplog):
     client, model, fake, settings, _ = backend
     client.post("/setup", json={"project": "1.1700000000", "schema": CONFIG})
+    store = LearningStore(settings.model_dir)
+    fake.annotate(6, 2006, project_images[5].masks)
+    client.post("/webhook", json=event("ANNOTATION_CREATED", 1, 6, 2006))
+    assert model.learning.learner.wait_idle(60) and store.version("1") == 1
+    fake.tasks[6]["annotations"], fake.tasks[6]["total_annotations"] = [], 0   # deleted, no webhook came
     for task_id in (2, 3, 4):
         fake.annotate(task_id, 2000 + task_id, project_images[task_id - 1].masks)
     fake.annotate(5, 2005, project_images[4].masks, cancelled=True)     # skipped tasks teach nothing
@@ -224,8 +229,8 @@ def test_start_training_rebuilds_from_all_annotations(backend, project_images, c
         reply = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 1}})
         assert reply.get_json()["status"] == "queued"
         assert model.learning.learner.wait_idle(120)
-    store = LearningStore(settings.model_dir)
     assert sorted(k for k, _ in store.keys("1")) == ["2", "3", "4"]
+    assert store.version("1") == 2          # one new version for the whole rebuild
     assert "rebuild done: 4 annotated tasks, 3 images learned" in caplog.text
     assert store.calibration("1")["samples"] == 3
 
