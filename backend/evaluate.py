@@ -184,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from .learning import _as_dict, source_for
+    from .learning import source_for
     from .prompts import project_key
     from .settings import Settings, SettingsError
 
@@ -198,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY to read the project", file=sys.stderr)
         return 2
     project = project_key(args.project)
-    tasks = (_as_dict(t) for t in source.client.tasks.list(project=int(project), fields="all", page_size=100))
+    tasks = source.client.iter_tasks(int(project))          # page by page, annotations and predictions included
     rows, counts = evaluate_tasks(tasks, args.model_version)
     print(markdown(rows, counts))
     if args.json:

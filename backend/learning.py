@@ -349,33 +349,30 @@ def _as_dict(obj: Any) -> dict:
 
 
 class LabelStudioSource:
-    """The Label Studio API calls learning needs, through label_studio_sdk (legacy token or PAT)."""
+    """The Label Studio API calls learning needs, through the backend's one client (backend/ls_client.py)."""
 
-    def __init__(self, url: str, token: str, timeout: float = 30.0):
-        from label_studio_sdk.client import LabelStudio
-
-        self.url = url
-        self.client = LabelStudio(base_url=url, api_key=token, timeout=timeout)
+    def __init__(self, client: Any):
+        self.client = client              # backend.ls_client.LabelStudioClient
+        self.url = client.url
 
     def task(self, task_id: str) -> dict:
-        return _as_dict(self.client.tasks.get(id=int(task_id)))
+        return self.client.get_task(int(task_id))
 
     def annotation(self, annotation_id: str) -> dict:
-        return _as_dict(self.client.annotations.get(id=int(annotation_id)))
+        return self.client.request("GET", f"api/annotations/{int(annotation_id)}/")
 
     def annotations(self, task_id: str) -> list[dict]:
-        return [_as_dict(a) for a in self.client.annotations.list(id=int(task_id))]
+        return self.client.list_annotations(int(task_id))
 
     def prediction(self, prediction_id: str) -> dict:
-        return _as_dict(self.client.predictions.get(id=int(prediction_id)))
+        return self.client.request("GET", f"api/predictions/{int(prediction_id)}/")
 
     def label_config(self, project: str) -> str:
-        return _as_dict(self.client.projects.get(id=int(project))).get("label_config") or ""
+        return (self.client.get_project(int(project)) or {}).get("label_config") or ""
 
     def annotated_tasks(self, project: str) -> Iterator[dict]:
-        """Every task of the project that has annotations, page by page (the SDK pager)."""
-        for task in self.client.tasks.list(project=int(project), fields="all", page_size=100):
-            task = _as_dict(task)
+        """Every task of the project that has annotations, page by page."""
+        for task in self.client.iter_tasks(int(project)):
             if task.get("total_annotations") or task.get("annotations"):
                 yield task
 
@@ -700,7 +697,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .images import ImageFetcher
 
     fetcher = ImageFetcher(settings)
-    predictor = _load_predictor(settings)
+    from .pipeline import load_predictor
+
+    predictor = load_predictor(settings)   # the same model, method and windows as the server
     learner = Learner(settings, store, lambda: predictor, lambda p: source_for(settings, p),
                       lambda url, task_id, p: fetcher.decode(fetcher.download(url, task_id=task_id, project_key=p)),
                       settings.region_config)
@@ -709,29 +708,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _load_predictor(settings: Settings):
-    import gem_model
-
-    pretrained = None if settings.pretrained.lower() in ("", "none") else settings.pretrained
-    model = gem_model.create_gem_model(
-        model_name=settings.model_name, pretrained=pretrained, device=settings.device, gem_depth=settings.gem_depth,
-        ss_attn_iter=settings.ss_attn_iter, ss_attn_temp=settings.ss_attn_temp, precision=settings.precision,
-        model_config=settings.model_config or None, cache_dir=settings.weights_dir,
-        # the same patch embeddings as the prediction path (backend/pipeline.py load_predictor)
-        mode=settings.method, slide_crop=settings.slide_crop,
-        slide_stride=settings.slide_stride if settings.slide_crop else 0)
-    return gem_model.HeatmapPredictor(model, image_size=settings.image_size, resize_mode=settings.resize_mode,
-                                      cache_bytes=0)
-
-
 def source_for(settings: Settings, project: str | None = None) -> LabelStudioSource | None:
     """Label Studio with the backend's OWN key (LABEL_STUDIO_URL + LABEL_STUDIO_API_KEY), or None.
 
     Never /setup's hostname and token: /setup is open, and a caller who could name the host the
     annotations are read from could feed the learner anything."""
+    from .ls_client import LabelStudioClient
+
     if not settings.label_studio_url or not settings.label_studio_api_key:
         return None
-    return LabelStudioSource(settings.label_studio_url, settings.label_studio_api_key, timeout=settings.fetch_timeout)
+    return LabelStudioSource(LabelStudioClient.from_settings(settings))
 
 
 if __name__ == "__main__":

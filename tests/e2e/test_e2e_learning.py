@@ -102,7 +102,7 @@ def test_annotations_through_label_studio_improve_the_next_predictions(ls, backe
         assert row["kept"] + row["changed"] + row["deleted"] == row["predicted"]
         assert row["annotated"] > 0 or row["predicted"] > 0
 
-    # Start Training relearns the project from all its annotations through the SDK.
+    # Start Training relearns the project from all its annotations page by page.
     backends = check(ls.get("/api/ml/", params={"project": project}), 200).json()
     version = store.version(str(project))
     check(ls.post(f"/api/ml/{backends[0]['id']}/train", json={}), 200)
