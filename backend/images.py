@@ -79,6 +79,7 @@ class ImageFetcher:
         self._setup_lock = threading.Lock()
         self._setup: dict[str, LabelStudioAccess] = {}   # project key -> what /setup sent
         self._last_setup: LabelStudioAccess | None = None
+        self._warned_hosts: set[str] = set()
 
     @staticmethod
     def _new_session(pool: int) -> requests.Session:
@@ -95,6 +96,7 @@ class ImageFetcher:
         access = LabelStudioAccess(url=(hostname or "").strip().rstrip("/"), token=(access_token or "").strip())
         if access.url and not access.url.startswith(("http://", "https://")):
             access = LabelStudioAccess(url="", token=access.token)
+        self._warn_if_setup_token_unusable(access)
         with self._setup_lock:
             if project_key:
                 self._setup.pop(project_key, None)
@@ -102,6 +104,21 @@ class ImageFetcher:
                 while len(self._setup) > MAX_REMEMBERED_PROJECTS:   # /setup may be open: stay bounded
                     self._setup.pop(next(iter(self._setup)))
             self._last_setup = access
+
+    def _warn_if_setup_token_unusable(self, access: LabelStudioAccess) -> None:
+        """Say once per hostname when a /setup token can never be used: images are fetched from
+        LABEL_STUDIO_URL, and a token only goes to the host it came with."""
+        env_url = self.settings.label_studio_url
+        if not (access.token and access.url and env_url) or self.settings.label_studio_api_key:
+            return
+        if origin(access.url) == origin(env_url) or access.url in self._warned_hosts:
+            return
+        if len(self._warned_hosts) < MAX_REMEMBERED_PROJECTS:   # /setup may be open: stay bounded
+            self._warned_hosts.add(access.url)
+        logger.warning(
+            "/setup names Label Studio at %s but LABEL_STUDIO_URL is %s: the token that /setup sent is not "
+            "sent to %s, so images under /data/ will be refused (401). Set LABEL_STUDIO_API_KEY, or set Label "
+            "Studio's LABEL_STUDIO_HOST to the same URL as LABEL_STUDIO_URL", access.url, env_url, env_url)
 
     def label_studio(self, project_key: str | None = None) -> LabelStudioAccess:
         """Label Studio's URL and the token that goes with it. A token travels only with the URL

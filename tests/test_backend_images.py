@@ -130,10 +130,15 @@ def test_environment_key_goes_only_to_label_studio_url(ls, other):
         fetch_image(fetcher, "/data/upload/1/b.png", project_key="1")
 
 
-def test_setup_token_goes_only_to_the_hostname_of_its_setup(ls, other):
+def test_setup_token_goes_only_to_the_hostname_of_its_setup(ls, other, caplog):
     ls.image("/data/upload/1/a.png", PNG)
     fetcher = fetcher_for(ls.url, "")                   # LABEL_STUDIO_URL without a key
-    fetcher.remember_setup("1", other.url, "meant-for-other")
+    with caplog.at_level("WARNING", logger="backend.images"):
+        fetcher.remember_setup("1", other.url, "meant-for-other")
+        fetcher.remember_setup("1", other.url, "meant-for-other")
+    # The operator learns why images will be refused, once per hostname, not at every /setup.
+    warnings = [r.getMessage() for r in caplog.records if "LABEL_STUDIO_HOST" in r.getMessage()]
+    assert len(warnings) == 1 and other.url in warnings[0] and ls.url in warnings[0]
     fetch_image(fetcher, "/data/upload/1/a.png", project_key="1")
     fetcher.remember_setup("1", ls.url + "/", "meant-for-ls")   # same origin as LABEL_STUDIO_URL
     fetch_image(fetcher, "/data/upload/1/a.png", project_key="1")

@@ -11,7 +11,10 @@ USER = "e2e-ls"
 
 @pytest.fixture(scope="module")
 def auth_backend(start_backend):
-    return start_backend("basic-auth", BASIC_AUTH_USER=USER, BASIC_AUTH_PASS=secrets.token_urlsafe(12))
+    # No LABEL_STUDIO_URL and no key: images come with the token /setup sends, from the host that
+    # same /setup names (Label Studio calls itself http://localhost:<port>, not 127.0.0.1).
+    return start_backend("basic-auth", BASIC_AUTH_USER=USER, BASIC_AUTH_PASS=secrets.token_urlsafe(12),
+                         LABEL_STUDIO_URL=None)
 
 
 @pytest.fixture(scope="module")
