@@ -254,6 +254,29 @@ def upload_predictions(batch: dict[str, Any], upload: Callable[[list[tuple[Any, 
             "upload_s": [seconds / max(n, 1)] * n}
 
 
+class LabelStudioUploader:
+    """Picklable: rebuilt in each upload worker from Label Studio's URL and key (one client per process)."""
+
+    _clients: dict = {}
+
+    def __init__(self, url: str, token: str, project: int, timeout: float = 60.0):
+        self.url, self.token, self.project, self.timeout = url, token, int(project), timeout
+
+    def __repr__(self) -> str:   # never the key
+        return f"LabelStudioUploader({self.url!r}, project={self.project})"
+
+    def __call__(self, items: list[tuple[Any, dict]]) -> list[tuple[Any, str]]:
+        from .ls_client import LabelStudioClient
+
+        key = (self.url, self.token)
+        client = self._clients.get(key)
+        if client is None:
+            client = self._clients[key] = LabelStudioClient(self.url, self.token, timeout=self.timeout)
+        client.create_predictions(self.project, [{"task": task, **prediction} for task, prediction in items],
+                                  chunk=max(1, len(items)))
+        return []
+
+
 # ---------------------------------------------------------------------------------------------
 # The driver
 
