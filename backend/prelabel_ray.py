@@ -1,65 +1,63 @@
 """`python -m backend.prelabel --ray [ADDRESS]`: the pre-labelling job as a Ray Data pipeline.
 
-    tasks (listed and deduplicated on the driver, as without Ray)
+    driver:  list the tasks, drop those already predicted        backend.prelabel.select_tasks / split_done
       -> fetch:   download + decode each task's images            CPU tasks, GEM_FETCH_WORKERS threads each
-      -> predict: GEM + regions + Label Studio results            actor pool, one model per actor
-      -> upload:  create the predictions in Label Studio, chunks  CPU tasks
-      -> driver:  progress bar, summary, exit code
+      -> predict: GEM + regions -> Label Studio results           actor pool, the model loaded once per actor
+      -> upload:  check + store the predictions, in chunks        CPU tasks, GEM_RAY_UPLOAD_TASKS at once
+    driver:  progress bar, the summary and the exit code of the plain command
 
-Identical results: each actor runs the very `PredictionPipeline.predict` the plain command runs, with
-the same settings, on the same tasks; only the image downloads have moved out of it, into the fetch
-tasks (the actor's pipeline is given a fetcher that hands back the images they decoded). Whatever
-the plain pipeline does with an image, a failure or a batch, it does here too.
+Identical results: each actor runs the plain command's own `predict_tasks` (so the very
+`PredictionPipeline.predict`) with the same settings on the same tasks; only the downloads moved
+out, into the fetch tasks: the actor's pipeline gets a fetcher that hands back the images they
+decoded, or raises the error they met. The upload tasks use the plain command's
+`PredictionUploader`, which asks Label Studio right before writing, so a rerun, or another runner
+on the same project, never stores a task twice.
 
-Ray is imported only in this module, and this module only by `--ray`: the server and the plain
-command never load it (tests/test_prelabel_ray.py checks both).
+Ray is imported only here, and this module only by `--ray`: the server and the plain command never
+load it (tests/test_prelabel_ray.py checks both).
 """
 from __future__ import annotations
 
 import concurrent.futures
 import json
 import logging
+import math
 import os
 import pickle
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from .images import FetchedImage, ImageFetcher, ImageFetchError
-from .settings import Settings
+from .settings import Settings, SettingsError
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("backend.prelabel")
 
 RAY_MISSING = ("--ray needs Ray Data, which the backend does not install by default: "
                "pip install -r requirements-ray.txt")
+MODEL_STAGES = ("model", "postprocess", "encode")
+
+
+class RayUnavailable(SettingsError):
+    """`--ray` was asked for but Ray Data is not installed (a setup error: exit status 2)."""
 
 
 @dataclass(frozen=True)
 class RayOptions:
-    """How to reach Ray and how wide to run (command-line flags and settings)."""
-    address: str | None = None          # None: start a local Ray; "auto"; "ray://host:10001"
-    workers: int | None = None          # model actors; None: one per GPU, or 1 without GPUs
-    upload_tasks: int = 2               # concurrent upload tasks (Label Studio API calls in flight)
-    upload_chunk: int = 100             # predictions per upload call
-    object_store_mb: float = 0.0        # local Ray only; 0 = Ray's default (30% of RAM)
-    local_cpus: int | None = None       # local Ray only; None: this machine's cores (at least workers + 1)
+    """How to reach Ray and how wide to run."""
+    address: str | None = None     # None: start a local Ray; "auto": this machine's cluster; "ray://host:10001"
+    workers: int | None = None     # model actors; None: one per GPU of the cluster, or 1 without GPUs
+    upload_tasks: int = 2          # upload tasks running at once (Label Studio API calls in flight)
+    upload_chunk: int = 100        # predictions per upload call
+    object_store_mb: float = 0.0   # local Ray only; 0 = Ray's default (30% of RAM)
+    local_cpus: int | None = None  # local Ray only; None: this machine's cores (at least workers + 1)
 
-
-@dataclass
-class StageTimes:
-    """Seconds summed over tasks, per stage, as measured inside the workers."""
-    fetch: float = 0.0
-    model: float = 0.0            # GEM image encoder + text + similarity maps
-    postprocess: float = 0.0      # regions
-    encode: float = 0.0           # Label Studio result items (RLE, polygons)
-    upload: float = 0.0           # Label Studio API calls (per chunk, not per task)
-
-    def add(self, row: Mapping[str, Any]) -> None:
-        for name in ("fetch", "model", "postprocess", "encode", "upload"):
-            setattr(self, name, getattr(self, name) + float(row.get(f"{name}_s", 0.0) or 0.0))
-
-    def as_dict(self) -> dict[str, float]:
-        return {k: round(v, 3) for k, v in self.__dict__.items()}
+    @classmethod
+    def from_settings(cls, settings: Settings, address: str | None, workers: int | None,
+                      upload_chunk: int = 100) -> "RayOptions":
+        return cls(address=address or None, workers=workers, upload_chunk=upload_chunk,
+                   upload_tasks=settings.ray_upload_tasks, object_store_mb=settings.ray_object_store_mb,
+                   local_cpus=settings.ray_local_cpus or None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -67,16 +65,15 @@ class StageTimes:
 
 
 class _RecordingFetcher:
-    """Wraps the real fetcher; remembers each URL's decoded image or its failure."""
+    """The real fetcher; remembers each URL's decoded image, or the error it met."""
 
     def __init__(self, fetcher: ImageFetcher):
         self.fetcher = fetcher
         self.images: dict[str, FetchedImage | tuple[str, str]] = {}
 
-    def download(self, url: str, task_id: Any = None, project_key: str | None = None) -> Any:
+    def download(self, url: str, task_id: Any = None, project_key: str | None = None) -> str:
         try:
-            raw = self.fetcher.download(url, task_id=task_id, project_key=project_key)
-            image = self.fetcher.decode(raw)
+            image = self.fetcher.decode(self.fetcher.download(url, task_id=task_id, project_key=project_key))
         except ImageFetchError as exc:
             self.images[url] = (str(exc), exc.reason)
             raise
@@ -84,9 +81,7 @@ class _RecordingFetcher:
         return url
 
     def decode(self, url: str) -> FetchedImage:
-        image = self.images[url]
-        assert isinstance(image, FetchedImage)
-        return image
+        return self.images[url]  # type: ignore[return-value]
 
 
 class _PrefetchedImages:
@@ -98,14 +93,30 @@ class _PrefetchedImages:
     def download(self, url: str, task_id: Any = None, project_key: str | None = None) -> str:
         found = self.images.get(url)
         if found is None:
-            raise ImageFetchError(f"image {url!r} was not fetched", reason="internal")
+            raise ImageFetchError("the image was not fetched (internal error)", reason="internal")
         if isinstance(found, tuple):
-            message, reason = found
-            raise ImageFetchError(message, reason=reason)
+            raise ImageFetchError(found[0], reason=found[1])
         return url
 
     def decode(self, url: str) -> FetchedImage:
         return self.images[url]  # type: ignore[return-value]
+
+
+class _FetchOnly:
+    """Enough of a PredictionPipeline for its fetch step (building one would load torch here)."""
+
+    def __init__(self, fetcher: Any):
+        self.fetcher = fetcher
+
+    def _time(self, report: Any, stage: str, seconds: float) -> None:
+        pass
+
+
+def fetch_task_images(fetcher: Any, task: Mapping[str, Any], job: Any) -> None:
+    """Run the plain pipeline's own fetch step (URL lookup, download, decode) for one task."""
+    from .pipeline import PredictionPipeline, PredictReport
+
+    PredictionPipeline._fetch_task(_FetchOnly(fetcher), task, job, PredictReport())
 
 
 _FETCHER: list = []   # [(settings, ImageFetcher)]: one per worker process, reused across batches
@@ -117,35 +128,8 @@ def _fetcher(settings: Settings) -> ImageFetcher:
     return _FETCHER[0][1]
 
 
-def _pipeline(settings: Settings, fetcher: Any, predictor: Any = None):
-    """The plain command's pipeline; without a predictor only its fetch stage may be used."""
-    from .pipeline import PredictionPipeline
-
-    extract = None if predictor is not None else _no_regions
-    return PredictionPipeline(settings, predictor, region_extractor=extract, fetcher=fetcher)
-
-
-def _no_regions(*args: Any, **kwargs: Any) -> Any:
-    raise RuntimeError("the fetch stage predicts nothing")
-
-
-def fetch_task_images(fetcher: Any, task: Mapping[str, Any], job: Any) -> None:
-    """The plain pipeline's own fetch step for one task (URL lookup, download, decode) with `fetcher`,
-    without building a pipeline (that would load torch in every fetch worker)."""
-    from .pipeline import PredictionPipeline, PredictReport
-
-    class _FetchOnly:
-        def __init__(self):
-            self.fetcher = fetcher
-
-        def _time(self, report: Any, stage: str, seconds: float) -> None:
-            pass
-
-    PredictionPipeline._fetch_task(_FetchOnly(), task, job, PredictReport())
-
-
 def fetch_images(batch: dict[str, Any], settings: Settings, job: Any) -> dict[str, Any]:
-    """tasks -> tasks + their decoded images (pickled), downloads in parallel threads."""
+    """Rows of tasks -> the same rows with their decoded images (pickled), downloaded in parallel."""
     fetcher = _fetcher(settings)
     tasks = [json.loads(t) for t in batch["task"]]
 
@@ -154,14 +138,14 @@ def fetch_images(batch: dict[str, Any], settings: Settings, job: Any) -> dict[st
         recorder = _RecordingFetcher(fetcher)
         try:
             fetch_task_images(recorder, task, job)
-        except Exception:  # noqa: BLE001 - the actor meets the same failure again and reports it
+        except Exception:  # noqa: BLE001 - the actor's pipeline meets the same failure and reports it
             pass
         return pickle.dumps(recorder.images, protocol=5), time.perf_counter() - started
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(settings.fetch_workers, len(tasks)))) as pool:
         fetched = list(pool.map(one, tasks))
-    return {"index": batch["index"], "task": batch["task"],
-            "images": [blob for blob, _ in fetched], "fetch_s": [seconds for _, seconds in fetched]}
+    return {"task": batch["task"], "images": [blob for blob, _ in fetched],
+            "fetch_s": [seconds for _, seconds in fetched]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,93 +153,54 @@ def fetch_images(batch: dict[str, Any], settings: Settings, job: Any) -> dict[st
 
 
 class PredictActor:
-    """Loads the model once; each batch runs `PredictionPipeline.predict` on prefetched images."""
+    """Loads the model once; each batch goes through the plain command's `predict_tasks`."""
 
     def __init__(self, settings: Settings, job: Any):
-        from .pipeline import load_predictor
+        from .pipeline import PredictionPipeline, load_predictor
 
-        self.settings = settings
+        started = time.perf_counter()
         self.job = job
         self.fetcher = _PrefetchedImages()
-        started = time.perf_counter()
-        self.pipeline = _pipeline(settings, self.fetcher, load_predictor(settings))
+        self.pipeline = PredictionPipeline(settings, load_predictor(settings), fetcher=self.fetcher)
         logger.info("model loaded in %.1f s (pid %d)", time.perf_counter() - started, os.getpid())
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        from .prelabel import predict_tasks
+
         tasks = [json.loads(t) for t in batch["task"]]
-        n = len(tasks)
+        ids = [task.get("id") for task in tasks]
         try:
             for blob in batch["images"]:
                 self.fetcher.images.update(pickle.loads(blob))
-            predictions, report = self.pipeline.predict(tasks, self.job)
+            payloads, failures, timings = predict_tasks(self.pipeline, self.job, tasks)
         except Exception as exc:  # noqa: BLE001 - a broken batch is reported, the job goes on
-            logger.exception("a batch of %d tasks failed", n)
-            return _failed_batch(batch, tasks, f"{type(exc).__name__}: {exc}")
+            logger.exception("a batch of %d tasks failed", len(tasks))
+            payloads, timings = [], {}
+            failures = {task_id: f"internal: {type(exc).__name__}: {exc}" for task_id in ids}
         finally:
             self.fetcher.images = {}
-        # Stage times are per batch; spread them over its tasks so the driver can sum rows.
-        share = {stage: report.timings.get(stage, 0.0) / max(n, 1) for stage in ("model", "postprocess", "encode")}
+        by_task = {p["task"]: p for p in payloads}
+        n = len(tasks)
+        # Stage times are per batch; spread over its tasks so that the driver can sum rows.
         return {
-            "index": batch["index"],
-            "task_id": [o.task_id for o in report.outcomes],
-            "prediction": [json.dumps(p) for p in predictions],
-            "ok": [o.ok for o in report.outcomes],
-            "reason": [o.reason for o in report.outcomes],
-            "message": [o.message for o in report.outcomes],
-            "results": [o.results for o in report.outcomes],
+            "task_id": ids,
+            "payload": [json.dumps(by_task[t]) if t in by_task else "" for t in ids],
+            "failure": [failures.get(t, "") if t not in by_task else "" for t in ids],
             "fetch_s": batch["fetch_s"],
-            **{f"{stage}_s": [seconds] * n for stage, seconds in share.items()},
+            **{f"{stage}_s": [timings.get(stage, 0.0) / n] * n for stage in MODEL_STAGES},
         }
-
-
-def _failed_batch(batch: dict[str, Any], tasks: list, message: str) -> dict[str, Any]:
-    n = len(tasks)
-    ids = [t.get("id") if isinstance(t, Mapping) else None for t in tasks]
-    return {"index": batch["index"], "task_id": ids,
-            "prediction": [json.dumps({"score": 0.0, "error": message})] * n,
-            "ok": [False] * n, "reason": ["internal"] * n, "message": [message] * n, "results": [0] * n,
-            "fetch_s": batch["fetch_s"], **{f"{stage}_s": [0.0] * n for stage in ("model", "postprocess", "encode")}}
 
 
 # ---------------------------------------------------------------------------------------------
 # Stage 3: upload (CPU tasks)
 
 
-def upload_predictions(batch: dict[str, Any], upload: Callable[[list[tuple[Any, dict]]], list[tuple[Any, str]]]
-                       ) -> dict[str, Any]:
-    """Create the chunk's predictions in Label Studio; one outcome row per task.
-
-    A task the model could not predict is `failed` and nothing is stored for it (as without Ray);
-    a prediction Label Studio refused, or a chunk whose call failed, is `upload_failed`.
-    """
-    n = len(batch["index"])
-    task_ids = [_plain(t) for t in batch["task_id"]]
-    predictions = [json.loads(p) for p in batch["prediction"]]
-    status = ["stored" if ok else "failed" for ok in batch["ok"]]
-    reasons = [str(r) for r in batch["reason"]]
-    messages = [str(m) for m in batch["message"]]
-    to_store = [i for i in range(n) if "result" in predictions[i]]
-    started = time.perf_counter()
-    try:
-        refused = dict(upload([(task_ids[i], predictions[i]) for i in to_store])) if to_store else {}
-    except Exception as exc:  # noqa: BLE001 - the chunk is reported failed; the job goes on
-        logger.error("storing %d predictions failed: %s: %s", len(to_store), type(exc).__name__, exc)
-        refused = {task_ids[i]: f"{type(exc).__name__}: {exc}" for i in to_store}
-    seconds = time.perf_counter() - started
-    for i in to_store:
-        error = refused.get(task_ids[i])
-        if error is not None:
-            status[i], reasons[i], messages[i] = "upload_failed", "upload", str(error)
-        elif not batch["ok"][i]:
-            status[i] = "stored_empty"   # GEM_FAILED_TASKS=empty: an empty prediction was stored
-    return {"index": batch["index"], "task_id": task_ids, "status": status, "reason": reasons,
-            "message": messages, "results": batch["results"],
-            **{k: batch[k] for k in ("fetch_s", "model_s", "postprocess_s", "encode_s")},
-            "upload_s": [seconds / max(n, 1)] * n}
-
-
 class LabelStudioUploader:
-    """Picklable: rebuilt in each upload worker from Label Studio's URL and key (one client per process)."""
+    """Stores payloads with the plain command's `PredictionUploader` (checks Label Studio first).
+
+    Picklable: it travels to the upload workers as Label Studio's URL and key, and builds one
+    client per worker process. Returns (stored ids, skipped ids, failures {id: reason}).
+    """
 
     _clients: dict = {}
 
@@ -265,16 +210,46 @@ class LabelStudioUploader:
     def __repr__(self) -> str:   # never the key
         return f"LabelStudioUploader({self.url!r}, project={self.project})"
 
-    def __call__(self, items: list[tuple[Any, dict]]) -> list[tuple[Any, str]]:
+    def __call__(self, payloads: list[dict]) -> tuple[list, list, dict]:
         from .ls_client import LabelStudioClient
+        from .prelabel import PredictionUploader
 
         key = (self.url, self.token)
         client = self._clients.get(key)
         if client is None:
             client = self._clients[key] = LabelStudioClient(self.url, self.token, timeout=self.timeout)
-        client.create_predictions(self.project, [{"task": task, **prediction} for task, prediction in items],
-                                  chunk=max(1, len(items)))
-        return []
+        uploader = PredictionUploader(client, self.project, chunk=max(1, len(payloads)))
+        uploader.pending.extend(payloads)
+        return uploader.flush()
+
+
+def upload_predictions(batch: dict[str, Any], upload: Callable[[list[dict]], tuple[list, list, dict]]
+                       ) -> dict[str, Any]:
+    """Store the chunk's predictions; one outcome row per task: stored, skipped or failed (+ why)."""
+    ids = [_plain(t) for t in batch["task_id"]]
+    payloads = [json.loads(p) if p else None for p in batch["payload"]]
+    status = ["stored" if p is not None else "failed" for p in payloads]
+    why = [str(f) for f in batch["failure"]]
+    ready = [p for p in payloads if p is not None]
+    started = time.perf_counter()
+    try:
+        stored, skipped, failed = upload(ready) if ready else ([], [], {})
+    except Exception as exc:  # noqa: BLE001 - the chunk is reported failed; the job goes on
+        logger.error("storing %d predictions failed: %s: %s", len(ready), type(exc).__name__, exc)
+        stored, skipped, failed = [], [], {p["task"]: f"upload: {type(exc).__name__}: {exc}" for p in ready}
+    seconds = time.perf_counter() - started
+    skipped, failed = set(skipped), {_plain(k): v for k, v in failed.items()}
+    for i, task_id in enumerate(ids):
+        if payloads[i] is None:
+            continue
+        if task_id in skipped:
+            status[i], why[i] = "skipped", "already predicted (found just before upload)"
+        elif task_id in failed:
+            status[i], why[i] = "failed", str(failed[task_id])
+    n = len(ids)
+    return {"task_id": ids, "status": status, "why": why,
+            **{f"{stage}_s": batch[f"{stage}_s"] for stage in ("fetch", *MODEL_STAGES)},
+            "upload_s": [seconds / max(n, 1)] * n}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,13 +258,13 @@ class LabelStudioUploader:
 
 @dataclass
 class RayRun:
-    """What the Ray job did: one outcome row per task (in completion order) and where time went."""
-    outcomes: list[dict[str, Any]] = field(default_factory=list)
-    times: StageTimes = field(default_factory=StageTimes)
+    """What the Ray part of a run did."""
+    outcomes: list[dict[str, Any]] = field(default_factory=list)   # one row per task, completion order
+    timings: dict[str, float] = field(default_factory=dict)        # stage -> seconds summed in the workers
     workers: int = 0
     gpus_per_worker: float = 0.0
-    startup_s: float = 0.0        # connecting to / starting Ray
-    run_s: float = 0.0            # first task in to last outcome out (model loading included)
+    startup_s: float = 0.0        # starting or joining Ray
+    run_s: float = 0.0            # first task in to last outcome out, model loading included
 
 
 def import_ray():
@@ -297,15 +272,15 @@ def import_ray():
         import ray
         import ray.data  # noqa: F401
     except ImportError as exc:
-        raise SystemExit(f"{RAY_MISSING} ({exc})") from None
+        raise RayUnavailable(f"{RAY_MISSING} ({exc})") from None
     return ray
 
 
-def connect(options: RayOptions, settings: Settings) -> None:
+def connect(options: RayOptions) -> None:
     """Start a local Ray (no address) or join a cluster ("auto", "ray://host:port").
 
-    The backend's code travels with the job (`py_modules`), so cluster nodes need only the
-    dependencies (requirements-ray.txt), not a checkout.
+    The backend's code travels with the job (`py_modules`), so cluster nodes need the
+    dependencies (requirements-ray.txt) but not a checkout of this repository.
     """
     ray = import_ray()
     import backend
@@ -313,21 +288,21 @@ def connect(options: RayOptions, settings: Settings) -> None:
 
     runtime_env = {"py_modules": [os.path.dirname(backend.__file__), os.path.dirname(gem_model.__file__)],
                    "excludes": ["__pycache__", "*.pyc"]}
-    kwargs: dict[str, Any] = {"runtime_env": runtime_env, "logging_level": logging.WARNING,
-                              "log_to_driver": True}
+    kwargs: dict[str, Any] = {"runtime_env": runtime_env, "logging_level": logging.WARNING}
     if options.address:
         ray.init(address=options.address, **kwargs)
         return
     cpus = options.local_cpus or os.cpu_count() or 1
-    # The model actors take one CPU each; keep at least one for the fetch and upload tasks.
+    # Each model actor holds one CPU; keep at least one for the fetch and upload tasks.
     cpus = max(cpus, (options.workers or 1) + 1)
     if options.object_store_mb:
         kwargs["object_store_memory"] = int(options.object_store_mb * 2**20)
+    # "local": a new Ray of our own even when this machine runs another one.
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, **kwargs)
 
 
 def plan_workers(options: RayOptions, settings: Settings) -> tuple[int, float]:
-    """(model actors, GPUs per actor): one actor per GPU of the cluster, or 1 on CPU."""
+    """(model actors, GPUs per actor): by default one actor per GPU of the cluster, or 1 on CPU."""
     ray = import_ray()
     gpus = int(ray.cluster_resources().get("GPU", 0))
     use_gpu = gpus > 0 and settings.device != "cpu"
@@ -337,27 +312,34 @@ def plan_workers(options: RayOptions, settings: Settings) -> tuple[int, float]:
 
 def run(tasks: Sequence[Mapping[str, Any]], job: Any, settings: Settings, upload: Callable,
         options: RayOptions, on_outcome: Callable[[dict[str, Any]], None] | None = None) -> RayRun:
-    """Predict `tasks` on Ray and store the predictions through `upload` (picklable: it runs in
-    the upload tasks; called with [(task id, prediction)], returns [(task id, error)] for the
-    ones Label Studio refused). `on_outcome` sees each task's outcome row as it completes."""
+    """Predict `tasks` on Ray and store the predictions through `upload`.
+
+    `upload` is picklable (it runs in the upload tasks): called with a chunk of payloads, it
+    returns (stored ids, skipped ids, failures {id: reason}), like `PredictionUploader.flush`.
+    `on_outcome` sees each task's outcome row as it arrives (progress).
+    """
     ray = import_ray()
+    if not tasks:
+        return RayRun()    # nothing to predict: no cluster to start or join
     started = time.perf_counter()
     connected_here = not ray.is_initialized()
     if connected_here:
-        connect(options, settings)
+        connect(options)
     result = RayRun(startup_s=time.perf_counter() - started)
     try:
         result.workers, result.gpus_per_worker = plan_workers(options, settings)
-        actor_settings = settings
-        if result.gpus_per_worker:
-            # Ray gives each actor its own GPU as device 0 (CUDA_VISIBLE_DEVICES).
-            actor_settings = settings.replace(device="cuda")
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False        # the command draws its own
+        # Ray gives each GPU actor its own device, which it sees as cuda:0.
+        actor_settings = settings.replace(device="cuda") if result.gpus_per_worker else settings
+        ray.data.DataContext.get_current().enable_progress_bars = False   # the command draws its own
+        logger.info("Ray: %d model worker(s)%s, %s", result.workers,
+                    " with 1 GPU each" if result.gpus_per_worker else " on CPU",
+                    ", ".join(f"{k} {v:g}" for k, v in sorted(ray.cluster_resources().items())
+                              if k in ("CPU", "GPU")))
         started = time.perf_counter()
         for row in _outcomes(ray, tasks, job, settings, actor_settings, upload, options, result):
             result.outcomes.append(row)
-            result.times.add(row)
+            for stage in ("fetch", *MODEL_STAGES, "upload"):
+                result.timings[stage] = result.timings.get(stage, 0.0) + float(row.get(f"{stage}_s") or 0.0)
             if on_outcome is not None:
                 on_outcome(row)
         result.run_s = time.perf_counter() - started
@@ -368,13 +350,12 @@ def run(tasks: Sequence[Mapping[str, Any]], job: Any, settings: Settings, upload
 
 
 def _outcomes(ray, tasks, job, settings, actor_settings, upload, options, result) -> Iterator[dict[str, Any]]:
-    if not tasks:
-        return
-    rows = [{"index": i, "task": json.dumps(task)} for i, task in enumerate(tasks)]
+    # Only what the pipeline reads travels: a listed task also carries its annotations and predictions.
+    rows = [{"task": json.dumps({"id": t.get("id"), "data": t.get("data")})} for t in tasks]
     batch = settings.batch_size
-    # One block per model batch (bounded), so every actor and upload task gets work from the start.
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(-(-len(rows) // batch), 4096)))
-    # Fetch tasks take a quarter CPU: they wait on the network, and several must run beside the actors.
+    # One block per model batch (bounded), so that every actor gets work from the start.
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(math.ceil(len(rows) / batch), 4096)))
+    # Fetch tasks hold a quarter CPU: they mostly wait on the network, and must run beside the actors.
     ds = ds.map_batches(fetch_images, fn_kwargs={"settings": settings, "job": job}, batch_size=batch,
                         batch_format="numpy", num_cpus=0.25)
     ds = ds.map_batches(PredictActor, fn_constructor_kwargs={"settings": actor_settings, "job": job},
@@ -383,13 +364,70 @@ def _outcomes(ray, tasks, job, settings, actor_settings, upload, options, result
                         num_cpus=1, num_gpus=result.gpus_per_worker or None)
     ds = ds.map_batches(upload_predictions, fn_kwargs={"upload": upload}, batch_size=options.upload_chunk,
                         batch_format="numpy", num_cpus=0.25,
-                        compute=ray.data.TaskPoolStrategy(size=options.upload_tasks))
+                        compute=ray.data.TaskPoolStrategy(size=max(1, options.upload_tasks)))
     for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        keys = list(out)
-        for i in range(len(out["index"])):
-            yield {k: _plain(out[k][i]) for k in keys}
+        for i in range(len(out["task_id"])):
+            yield {key: _plain(values[i]) for key, values in out.items()}
 
 
 def _plain(value: Any) -> Any:
-    """numpy scalars -> Python values, for summaries and JSON."""
+    """numpy scalars -> Python values."""
     return value.item() if hasattr(value, "item") else value
+
+
+# ---------------------------------------------------------------------------------------------
+# The command's Ray branch
+
+
+def run_prelabel_on_ray(settings: Settings, project: int, options: RayOptions, *, only_unlabeled: bool = False,
+                        task_ids: Any = None, limit: int | None = None, progress: bool = True, client: Any = None):
+    """`run_prelabel` on Ray: the same selection, skipping, summary and exit code (a PrelabelSummary)."""
+    from .label_config import parse_label_config
+    from .ls_client import LabelStudioClient
+    from .pipeline import PredictionPipeline, compute_model_version
+    from .prelabel import PrelabelSummary, _progress, select_tasks, split_done
+
+    started = time.monotonic()
+    import_ray()   # before any work: a missing Ray is a setup error
+    client = client or LabelStudioClient.from_settings(settings)
+    version = compute_model_version(settings)
+    summary = PrelabelSummary(project=project, model_version=version)
+    t0 = time.perf_counter()
+    info = client.get_project(project)
+    plan = parse_label_config(info.get("label_config") or "", settings.outputs)
+    # The job (what to predict) is prepared once, here, and sent to the actors as it is.
+    planner = PredictionPipeline(settings, predictor=None)
+    job = planner.prepare(plan, project=project)
+    planner.close()
+    todo: list[dict] = []
+    for task in select_tasks(client, project, only_unlabeled=only_unlabeled, task_ids=task_ids, limit=limit):
+        summary.seen += 1
+        fresh, done = split_done([task], version)
+        todo += fresh
+        summary.skipped.update({t["id"]: "already predicted (this model version)" for t in done})
+    summary.add_time("ls_read", time.perf_counter() - t0)
+    logger.info("%d tasks listed in %.1f s; %d to predict", summary.seen, time.perf_counter() - t0, len(todo))
+
+    bar = _progress(len(todo), progress)
+
+    def on_outcome(row: dict[str, Any]) -> None:
+        if row["status"] == "stored":
+            summary.done += 1
+        elif row["status"] == "skipped":
+            summary.skipped[row["task_id"]] = row["why"]
+        else:
+            summary.failed[row["task_id"]] = row["why"]
+        bar.update(1)
+        bar.set_postfix(done=summary.done, skipped=len(summary.skipped), failed=len(summary.failed), refresh=False)
+
+    uploader = LabelStudioUploader(client.url, client.access.token, project, timeout=client.timeout)
+    try:
+        ray_run = run(todo, job, settings, uploader, options, on_outcome=on_outcome)
+    finally:
+        bar.close()
+    for stage, seconds in ray_run.timings.items():
+        summary.add_time(stage, seconds)
+    summary.seconds = time.monotonic() - started
+    logger.info("Ray: started in %.1f s; %d worker(s) ran %d tasks in %.1f s (model loading included)",
+                ray_run.startup_s, ray_run.workers, len(todo), ray_run.run_s)
+    return summary

@@ -314,6 +314,20 @@ class Settings:
                                  "rotated feedback logs kept (feedback.jsonl.1 is the newest)",
                                  unit="files", parse=_int(0, 100), group="Learning")
 
+    # Ray (python -m backend.prelabel --ray; docs/SCALING.md)
+    ray_upload_tasks: int = knob("GEM_RAY_UPLOAD_TASKS", 2,
+                                 "with --ray: upload tasks running at once, i.e. Label Studio API calls in flight "
+                                 "(each stores a chunk of --upload-chunk predictions)", parse=_int(1, 256),
+                                 group="Ray")
+    ray_object_store_mb: float = knob("GEM_RAY_OBJECT_STORE_MB", 0.0,
+                                      "with --ray and no address (a local Ray): object store size, which holds "
+                                      "the decoded images between stages; 0 = Ray's default (30% of RAM)",
+                                      unit="MiB", parse=_float(minimum=0.0), group="Ray")
+    ray_local_cpus: int = knob("GEM_RAY_LOCAL_CPUS", 0,
+                               "with --ray and no address: CPUs the local Ray may schedule on (each model worker "
+                               "holds one, fetch and upload tasks a quarter); 0 = this machine's cores",
+                               parse=_int(0, 4096), group="Ray")
+
     # Region post-processing overrides, as (RegionConfig field, value) pairs; empty = its defaults.
     region_overrides: tuple[tuple[str, Any], ...] = ()
 

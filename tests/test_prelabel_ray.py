@@ -90,54 +90,55 @@ def _batch(rows: list[dict]) -> dict:
     return {key: np.array([row[key] for row in rows], dtype=object) for key in rows[0]}
 
 
-def test_stages_store_what_the_plain_pipeline_predicts(tiny_pipeline):
+def test_stages_store_what_the_plain_command_predicts(tiny_pipeline):
     import json
 
     from backend import prelabel_ray
+    from backend.prelabel import predict_tasks
     from backend_fixtures import MIXED_CONFIG
 
     settings, plain = tiny_pipeline
     job = plain.prepare(MIXED_CONFIG, project="7")
     tasks = _tasks()
-    expected, _ = plain.predict(tasks, job)
+    expected, expected_failures, _ = predict_tasks(plain, job, tasks)
+    expected = {p["task"]: p for p in expected}
+    assert set(expected_failures) == {3, 4} and len(expected) == 7
 
     stored: dict = {}
 
-    def upload(items):
-        ids = [task_id for task_id, _ in items]
+    def upload(payloads):
+        ids = [p["task"] for p in payloads]
         if 16 in ids:
             raise ConnectionError("Label Studio went away")
-        for task_id, prediction in items:
-            assert task_id not in stored
-            stored[task_id] = prediction
-        return [(12, "refused by Label Studio")] if 12 in ids else []
+        skipped = [t for t in ids if t == 11]                 # found stored just before upload
+        failed = {12: "HTTP 400"} if 12 in ids else {}
+        for p in payloads:
+            if p["task"] not in skipped and p["task"] not in failed:
+                assert p["task"] not in stored
+                stored[p["task"]] = p
+        return [t for t in ids if t not in skipped and t not in failed], skipped, failed
 
     actor = prelabel_ray.PredictActor(settings, job)
-    rows = [{"index": i, "task": json.dumps(t)} for i, t in enumerate(tasks)]
+    rows = [{"task": json.dumps(t)} for t in tasks]
     outcomes = []
-    for start in range(0, len(rows), 4):       # batches of another size than the pipeline's
+    for start in range(0, len(rows), 4):       # batches of another size than the plain command's
         fetched = prelabel_ray.fetch_images(_batch(rows[start:start + 4]), settings, job)
-        predicted = actor(fetched)
-        uploaded = prelabel_ray.upload_predictions(predicted, upload)
+        uploaded = prelabel_ray.upload_predictions(actor(fetched), upload)
         outcomes += [dict(zip(uploaded, values)) for values in zip(*uploaded.values())]
 
     by_task = {o["task_id"]: o for o in outcomes}
     assert sorted(by_task) == sorted(t["id"] for t in tasks)
-    assert by_task[3]["status"] == "failed" and by_task[3]["reason"] == "decode"
-    assert by_task[4]["status"] == "failed" and by_task[4]["reason"] == "no_image"
-    assert by_task[12]["status"] == "upload_failed" and "refused" in by_task[12]["message"]
-    chunk_that_failed = {o["task_id"] for o in outcomes[8:]}   # the last chunk: task 16 alone
-    assert chunk_that_failed == {16}
-    for task_id in chunk_that_failed:
-        assert by_task[task_id]["status"] == "upload_failed" and "went away" in by_task[task_id]["message"]
-    for task, prediction in zip(tasks, expected):
-        if "result" not in prediction or task["id"] in chunk_that_failed:
-            assert task["id"] not in stored
-            continue
-        assert prediction["result"], task["id"]
-        assert _without_ids(stored[task["id"]]) == _without_ids(prediction), task["id"]
-        if task["id"] != 12:
-            assert by_task[task["id"]]["status"] == "stored"
+    assert by_task[3]["status"] == "failed" and by_task[3]["why"] == expected_failures[3]
+    assert by_task[3]["why"].startswith("decode:")
+    assert by_task[4]["status"] == "failed" and by_task[4]["why"].startswith("no_image:")
+    assert by_task[11]["status"] == "skipped"
+    assert by_task[12]["status"] == "failed" and by_task[12]["why"] == "HTTP 400"
+    assert by_task[16]["status"] == "failed" and "went away" in by_task[16]["why"]   # its chunk failed
+    assert {t for t, o in by_task.items() if o["status"] == "stored"} == set(stored) == {10, 13, 14, 15}
+    for task_id, payload in stored.items():
+        assert payload["result"], task_id
+        assert _without_ids(payload) == _without_ids(expected[task_id]), task_id
+    assert all(o["fetch_s"] > 0 and o["model_s"] >= 0 for o in outcomes)
 
 
 def _without_ids(prediction: dict) -> dict:
