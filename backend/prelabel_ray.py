@@ -302,12 +302,16 @@ def connect(options: RayOptions) -> None:
 
 
 def plan_workers(options: RayOptions, settings: Settings) -> tuple[int, float]:
-    """(model actors, GPUs per actor): by default one actor per GPU of the cluster, or 1 on CPU."""
+    """(model actors, GPUs per actor): by default one actor per GPU of the cluster, or 1 on CPU.
+
+    More workers than GPUs share them (e.g. 8 workers on 4 GPUs: half a GPU each), which pays
+    when the CPU part of each task (regions, result encoding) keeps a GPU actor waiting.
+    """
     ray = import_ray()
     gpus = int(ray.cluster_resources().get("GPU", 0))
     use_gpu = gpus > 0 and settings.device != "cpu"
     workers = options.workers or (gpus if use_gpu else 1)
-    return workers, (1.0 if use_gpu else 0.0)
+    return workers, (min(1.0, gpus / workers) if use_gpu else 0.0)
 
 
 def run(tasks: Sequence[Mapping[str, Any]], job: Any, settings: Settings, upload: Callable,
@@ -328,11 +332,11 @@ def run(tasks: Sequence[Mapping[str, Any]], job: Any, settings: Settings, upload
     result = RayRun(startup_s=time.perf_counter() - started)
     try:
         result.workers, result.gpus_per_worker = plan_workers(options, settings)
-        # Ray gives each GPU actor its own device, which it sees as cuda:0.
+        # Ray shows each GPU actor only its own device, as cuda:0.
         actor_settings = settings.replace(device="cuda") if result.gpus_per_worker else settings
         ray.data.DataContext.get_current().enable_progress_bars = False   # the command draws its own
         logger.info("Ray: %d model worker(s)%s, %s", result.workers,
-                    " with 1 GPU each" if result.gpus_per_worker else " on CPU",
+                    f" with {result.gpus_per_worker:g} GPU each" if result.gpus_per_worker else " on CPU",
                     ", ".join(f"{k} {v:g}" for k, v in sorted(ray.cluster_resources().items())
                               if k in ("CPU", "GPU")))
         started = time.perf_counter()
@@ -425,6 +429,8 @@ def run_prelabel_on_ray(settings: Settings, project: int, options: RayOptions, *
         ray_run = run(todo, job, settings, uploader, options, on_outcome=on_outcome)
     finally:
         bar.close()
+    if ray_run.startup_s:
+        summary.add_time("ray_start", ray_run.startup_s)
     for stage, seconds in ray_run.timings.items():
         summary.add_time(stage, seconds)
     summary.seconds = time.monotonic() - started

@@ -143,3 +143,25 @@ def test_stages_store_what_the_plain_command_predicts(tiny_pipeline):
 
 def _without_ids(prediction: dict) -> dict:
     return {**prediction, "result": [{k: v for k, v in item.items() if k != "id"} for item in prediction["result"]]}
+
+
+@pytest.mark.parametrize("resources, device, workers, expected", [
+    ({"CPU": 64, "GPU": 4}, "auto", None, (4, 1.0)),     # one worker per GPU
+    ({"CPU": 64, "GPU": 4}, "auto", 8, (8, 0.5)),        # more workers share the GPUs
+    ({"CPU": 64, "GPU": 4}, "auto", 2, (2, 1.0)),
+    ({"CPU": 64, "GPU": 4}, "cpu", None, (1, 0.0)),      # GEM_DEVICE=cpu: GPUs are not asked for
+    ({"CPU": 16}, "auto", None, (1, 0.0)),               # no GPU: one CPU worker
+    ({"CPU": 16}, "auto", 3, (3, 0.0)),
+])
+def test_workers_default_to_one_per_gpu(monkeypatch, resources, device, workers, expected):
+    from backend import prelabel_ray
+    from backend.settings import Settings
+
+    class FakeRay:
+        @staticmethod
+        def cluster_resources():
+            return resources
+
+    monkeypatch.setattr(prelabel_ray, "import_ray", lambda: FakeRay)
+    options = prelabel_ray.RayOptions(workers=workers)
+    assert prelabel_ray.plan_workers(options, Settings(device=device)) == expected
