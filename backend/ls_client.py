@@ -340,38 +340,48 @@ class LabelStudioClient:
         `fields="all"` includes each task's annotations and predictions (needed to skip tasks
         already predicted). `only_unlabeled`: tasks without annotations. `task_ids`: only these.
         """
+        page = 1
+        while True:
+            tasks, more = self.tasks_page(project, page, page_size=page_size, only_unlabeled=only_unlabeled,
+                                          task_ids=task_ids, fields=fields)
+            yield from tasks
+            if not more:
+                return
+            page += 1
+
+    def tasks_page(self, project: int, page: int, *, page_size: int = DEFAULT_PAGE_SIZE,
+                   only_unlabeled: bool = False, task_ids: Iterable[int] | None = None,
+                   fields: str = "all") -> tuple[list[dict], bool]:
+        """Page `page` (from 1) of what `iter_tasks` yields, and whether more pages may follow.
+
+        Pages can be read in any order and in parallel (`python -m backend.prelabel --ray` does).
+        """
         query: dict[str, Any] = {"ordering": ["tasks:id"]}
         ids = None if task_ids is None else sorted({int(t) for t in task_ids})
         if ids is not None:
             if not ids:
-                return
+                return [], False
             query["selectedItems"] = {"all": False, "included": ids}
         if only_unlabeled:
             query["filters"] = {"conjunction": "and", "items": [
                 {"filter": "filter:tasks:total_annotations", "operator": "equal", "type": "Number", "value": 0}]}
-        page = 1
-        while True:
-            try:
-                answer = self.request("GET", "api/tasks/", params={
-                    "project": int(project), "page": page, "page_size": page_size, "fields": fields,
-                    "query": json.dumps(query)})
-            except LabelStudioError as exc:
-                if exc.status == 404 and page > 1:   # past the last page
-                    return
-                raise
-            tasks = answer.get("tasks", answer.get("results")) if isinstance(answer, dict) else answer
-            if not isinstance(tasks, list):
-                raise LabelStudioError(f"unexpected answer listing tasks of project {project}", reason="api")
-            for task in tasks:
-                # Filters are checked here too: an older Label Studio may ignore the query.
-                if ids is not None and task.get("id") not in ids:
-                    continue
-                if only_unlabeled and (task.get("total_annotations") or task.get("annotations")):
-                    continue
-                yield task
-            if len(tasks) < page_size:
-                return
-            page += 1
+        try:
+            answer = self.request("GET", "api/tasks/", params={
+                "project": int(project), "page": page, "page_size": page_size, "fields": fields,
+                "query": json.dumps(query)})
+        except LabelStudioError as exc:
+            if exc.status == 404 and page > 1:   # past the last page
+                return [], False
+            raise
+        tasks = answer.get("tasks", answer.get("results")) if isinstance(answer, dict) else answer
+        if not isinstance(tasks, list):
+            raise LabelStudioError(f"unexpected answer listing tasks of project {project}", reason="api")
+        wanted = set(ids) if ids is not None else None
+        # Filters are checked here too: an older Label Studio may ignore the query.
+        kept = [task for task in tasks
+                if (wanted is None or task.get("id") in wanted)
+                and not (only_unlabeled and (task.get("total_annotations") or task.get("annotations")))]
+        return kept, len(tasks) >= page_size
 
     def count_tasks(self, project: int, only_unlabeled: bool = False) -> int | None:
         """How many tasks `iter_tasks` would consider (None when Label Studio does not say)."""

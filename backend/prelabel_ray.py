@@ -33,6 +33,7 @@ from .settings import Settings, SettingsError
 
 logger = logging.getLogger("backend.prelabel")
 
+PAGE_SIZE = 100        # tasks per page of Label Studio's task list (one listing task each)
 RAY_MISSING = ("--ray needs Ray Data, which the backend does not install by default: "
                "pip install -r requirements-ray.txt")
 MODEL_STAGES = ("model", "postprocess", "encode")
@@ -48,6 +49,7 @@ class RayOptions:
     address: str | None = None     # None: start a local Ray; "auto": this machine's cluster; "ray://host:10001"
     workers: int | None = None     # model actors; None: one per GPU of the cluster, or 1 without GPUs
     upload_tasks: int = 2          # upload tasks running at once (Label Studio API calls in flight)
+    list_tasks: int = 2            # listing tasks running at once (pages of the task list being read)
     upload_chunk: int = 100        # predictions per upload call
     object_store_mb: float = 0.0   # local Ray only; 0 = Ray's default (30% of RAM)
     local_cpus: int | None = None  # local Ray only; None: this machine's cores (at least workers + 1)
@@ -56,8 +58,77 @@ class RayOptions:
     def from_settings(cls, settings: Settings, address: str | None, workers: int | None,
                       upload_chunk: int = 100) -> "RayOptions":
         return cls(address=address or None, workers=workers, upload_chunk=upload_chunk,
-                   upload_tasks=settings.ray_upload_tasks, object_store_mb=settings.ray_object_store_mb,
+                   upload_tasks=settings.ray_upload_tasks, list_tasks=settings.ray_list_tasks, object_store_mb=settings.ray_object_store_mb,
                    local_cpus=settings.ray_local_cpus or None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 0: list the tasks (CPU tasks, one page of Label Studio's task list each)
+
+ALREADY_PREDICTED = "already predicted (this model version)"
+LIST_RETRIES = 3
+
+
+_CLIENTS: dict = {}   # (url, token) -> LabelStudioClient, one per worker process
+
+
+def _client(url: str, token: str, timeout: float):
+    from .ls_client import LabelStudioClient
+
+    client = _CLIENTS.get((url, token))
+    if client is None:
+        client = _CLIENTS[(url, token)] = LabelStudioClient(url, token, timeout=timeout)
+    return client
+
+
+@dataclass(frozen=True)
+class TaskPages:
+    """Where the tasks come from: pages of the project's task list, read by the listing tasks.
+
+    Picklable (Label Studio's URL and key, not a client). `limit`: only the first `limit` tasks.
+    """
+    url: str
+    token: str = field(repr=False)
+    project: int = 0
+    pages: int = 0
+    page_size: int = 100
+    only_unlabeled: bool = False
+    task_ids: tuple[int, ...] | None = None
+    limit: int | None = None
+    timeout: float = 60.0
+
+    def read(self, page: int) -> list[dict]:
+        client = _client(self.url, self.token, self.timeout)
+        for attempt in range(LIST_RETRIES):
+            try:
+                tasks, _ = client.tasks_page(self.project, page, page_size=self.page_size,
+                                             only_unlabeled=self.only_unlabeled, task_ids=self.task_ids)
+                break
+            except Exception as exc:  # noqa: BLE001 - retried, then the job stops with the reason
+                if attempt == LIST_RETRIES - 1:
+                    raise
+                logger.warning("listing page %d failed (%s); retrying", page, exc)
+                time.sleep(2.0 * (attempt + 1))
+        if self.limit is not None:
+            first = (page - 1) * self.page_size
+            tasks = tasks[:max(0, self.limit - first)]
+        return tasks
+
+
+def task_rows(tasks: Sequence[Mapping[str, Any]], model_version: str) -> dict[str, list]:
+    """Listed tasks -> pipeline rows; a task that holds a prediction of `model_version` is only passed
+    along to be counted as skipped, as the plain command does (`split_done`)."""
+    from .prelabel import split_done
+
+    todo, done = split_done(list(tasks), model_version)
+    skipped = {t.get("id") for t in done}
+    # Only what the pipeline reads travels: a listed task also carries its annotations and predictions.
+    return {"task": [json.dumps({"id": t.get("id"), "data": t.get("data")}) for t in tasks],
+            "skip": [ALREADY_PREDICTED if t.get("id") in skipped else "" for t in tasks]}
+
+
+def list_tasks(batch: dict[str, Any], pages: TaskPages, model_version: str) -> dict[str, list]:
+    return task_rows([task for page in batch["page"] for task in pages.read(int(page))], model_version)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,8 +203,12 @@ def fetch_images(batch: dict[str, Any], settings: Settings, job: Any) -> dict[st
     """Rows of tasks -> the same rows with their decoded images (pickled), downloaded in parallel."""
     fetcher = _fetcher(settings)
     tasks = [json.loads(t) for t in batch["task"]]
+    skip = list(batch["skip"])
 
-    def one(task: Mapping[str, Any]) -> tuple[bytes, float]:
+    def one(i: int) -> tuple[bytes, float]:
+        task = tasks[i]
+        if skip[i]:
+            return b"", 0.0
         started = time.perf_counter()
         recorder = _RecordingFetcher(fetcher)
         try:
@@ -143,8 +218,8 @@ def fetch_images(batch: dict[str, Any], settings: Settings, job: Any) -> dict[st
         return pickle.dumps(recorder.images, protocol=5), time.perf_counter() - started
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(settings.fetch_workers, len(tasks)))) as pool:
-        fetched = list(pool.map(one, tasks))
-    return {"task": batch["task"], "images": [blob for blob, _ in fetched],
+        fetched = list(pool.map(one, range(len(tasks))))
+    return {"task": batch["task"], "skip": skip, "images": [blob for blob, _ in fetched],
             "fetch_s": [seconds for _, seconds in fetched]}
 
 
@@ -162,32 +237,38 @@ class PredictActor:
         self.job = job
         self.fetcher = _PrefetchedImages()
         self.pipeline = PredictionPipeline(settings, load_predictor(settings), fetcher=self.fetcher)
-        logger.info("model loaded in %.1f s (pid %d)", time.perf_counter() - started, os.getpid())
+        self.load_s = time.perf_counter() - started    # reported with the first batch
+        logger.info("model loaded in %.1f s (pid %d)", self.load_s, os.getpid())
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         from .prelabel import predict_tasks
 
-        tasks = [json.loads(t) for t in batch["task"]]
-        ids = [task.get("id") for task in tasks]
+        all_tasks = [json.loads(t) for t in batch["task"]]
+        ids = [task.get("id") for task in all_tasks]
+        tasks = [task for task, skip in zip(all_tasks, batch["skip"]) if not skip]
         try:
             for blob in batch["images"]:
-                self.fetcher.images.update(pickle.loads(blob))
-            payloads, failures, timings = predict_tasks(self.pipeline, self.job, tasks)
+                if blob:
+                    self.fetcher.images.update(pickle.loads(blob))
+            payloads, failures, timings = predict_tasks(self.pipeline, self.job, tasks) if tasks else ([], {}, {})
         except Exception as exc:  # noqa: BLE001 - a broken batch is reported, the job goes on
             logger.exception("a batch of %d tasks failed", len(tasks))
             payloads, timings = [], {}
-            failures = {task_id: f"internal: {type(exc).__name__}: {exc}" for task_id in ids}
+            failures = {task.get("id"): f"internal: {type(exc).__name__}: {exc}" for task in tasks}
         finally:
             self.fetcher.images = {}
         by_task = {p["task"]: p for p in payloads}
-        n = len(tasks)
+        n = len(ids)
+        load_s, self.load_s = self.load_s, 0.0
         # Stage times are per batch; spread over its tasks so that the driver can sum rows.
         return {
             "task_id": ids,
+            "skip": batch["skip"],
             "payload": [json.dumps(by_task[t]) if t in by_task else "" for t in ids],
             "failure": [failures.get(t, "") if t not in by_task else "" for t in ids],
             "fetch_s": batch["fetch_s"],
             **{f"{stage}_s": [timings.get(stage, 0.0) / n] * n for stage in MODEL_STAGES},
+            "model_load_s": [load_s] + [0.0] * (n - 1),
         }
 
 
@@ -202,8 +283,6 @@ class LabelStudioUploader:
     client per worker process. Returns (stored ids, skipped ids, failures {id: reason}).
     """
 
-    _clients: dict = {}
-
     def __init__(self, url: str, token: str, project: int, timeout: float = 60.0):
         self.url, self.token, self.project, self.timeout = url, token, int(project), timeout
 
@@ -211,14 +290,10 @@ class LabelStudioUploader:
         return f"LabelStudioUploader({self.url!r}, project={self.project})"
 
     def __call__(self, payloads: list[dict]) -> tuple[list, list, dict]:
-        from .ls_client import LabelStudioClient
         from .prelabel import PredictionUploader
 
-        key = (self.url, self.token)
-        client = self._clients.get(key)
-        if client is None:
-            client = self._clients[key] = LabelStudioClient(self.url, self.token, timeout=self.timeout)
-        uploader = PredictionUploader(client, self.project, chunk=max(1, len(payloads)))
+        uploader = PredictionUploader(_client(self.url, self.token, self.timeout), self.project,
+                                      chunk=max(1, len(payloads)))
         uploader.pending.extend(payloads)
         return uploader.flush()
 
@@ -228,8 +303,9 @@ def upload_predictions(batch: dict[str, Any], upload: Callable[[list[dict]], tup
     """Store the chunk's predictions; one outcome row per task: stored, skipped or failed (+ why)."""
     ids = [_plain(t) for t in batch["task_id"]]
     payloads = [json.loads(p) if p else None for p in batch["payload"]]
-    status = ["stored" if p is not None else "failed" for p in payloads]
-    why = [str(f) for f in batch["failure"]]
+    status = ["skipped" if skip else "stored" if p is not None else "failed"
+              for p, skip in zip(payloads, batch["skip"])]
+    why = [str(skip or failure) for skip, failure in zip(batch["skip"], batch["failure"])]
     ready = [p for p in payloads if p is not None]
     started = time.perf_counter()
     try:
@@ -248,7 +324,7 @@ def upload_predictions(batch: dict[str, Any], upload: Callable[[list[dict]], tup
             status[i], why[i] = "failed", str(failed[task_id])
     n = len(ids)
     return {"task_id": ids, "status": status, "why": why,
-            **{f"{stage}_s": batch[f"{stage}_s"] for stage in ("fetch", *MODEL_STAGES)},
+            **{f"{stage}_s": batch[f"{stage}_s"] for stage in ("fetch", *MODEL_STAGES, "model_load")},
             "upload_s": [seconds / max(n, 1)] * n}
 
 
@@ -265,6 +341,7 @@ class RayRun:
     gpus_per_worker: float = 0.0
     startup_s: float = 0.0        # starting or joining Ray
     run_s: float = 0.0            # first task in to last outcome out, model loading included
+    first_s: float = 0.0          # first task in to first outcome out (process start, model load, one batch)
 
 
 def import_ray():
@@ -314,16 +391,18 @@ def plan_workers(options: RayOptions, settings: Settings) -> tuple[int, float]:
     return workers, (min(1.0, gpus / workers) if use_gpu else 0.0)
 
 
-def run(tasks: Sequence[Mapping[str, Any]], job: Any, settings: Settings, upload: Callable,
+def run(source: TaskPages | Sequence[Mapping[str, Any]], job: Any, settings: Settings, upload: Callable,
         options: RayOptions, on_outcome: Callable[[dict[str, Any]], None] | None = None) -> RayRun:
-    """Predict `tasks` on Ray and store the predictions through `upload`.
+    """Predict the tasks of `source` on Ray and store the predictions through `upload`.
 
+    `source`: `TaskPages` (the listing tasks read the pages, in parallel) or tasks already listed.
     `upload` is picklable (it runs in the upload tasks): called with a chunk of payloads, it
     returns (stored ids, skipped ids, failures {id: reason}), like `PredictionUploader.flush`.
-    `on_outcome` sees each task's outcome row as it arrives (progress).
+    `on_outcome` sees each task's outcome row (`task_id`, `status`: stored / skipped / failed,
+    `why`, stage seconds) as it arrives.
     """
     ray = import_ray()
-    if not tasks:
+    if not isinstance(source, TaskPages) and not source:
         return RayRun()    # nothing to predict: no cluster to start or join
     started = time.perf_counter()
     connected_here = not ray.is_initialized()
@@ -340,9 +419,11 @@ def run(tasks: Sequence[Mapping[str, Any]], job: Any, settings: Settings, upload
                     ", ".join(f"{k} {v:g}" for k, v in sorted(ray.cluster_resources().items())
                               if k in ("CPU", "GPU")))
         started = time.perf_counter()
-        for row in _outcomes(ray, tasks, job, settings, actor_settings, upload, options, result):
+        for row in _outcomes(ray, source, job, settings, actor_settings, upload, options, result):
             result.outcomes.append(row)
-            for stage in ("fetch", *MODEL_STAGES, "upload"):
+            if not result.outcomes[1:]:
+                result.first_s = time.perf_counter() - started
+            for stage in ("fetch", "model_load", *MODEL_STAGES, "upload"):
                 result.timings[stage] = result.timings.get(stage, 0.0) + float(row.get(f"{stage}_s") or 0.0)
             if on_outcome is not None:
                 on_outcome(row)
@@ -353,12 +434,20 @@ def run(tasks: Sequence[Mapping[str, Any]], job: Any, settings: Settings, upload
     return result
 
 
-def _outcomes(ray, tasks, job, settings, actor_settings, upload, options, result) -> Iterator[dict[str, Any]]:
-    # Only what the pipeline reads travels: a listed task also carries its annotations and predictions.
-    rows = [{"task": json.dumps({"id": t.get("id"), "data": t.get("data")})} for t in tasks]
+def _outcomes(ray, source, job, settings, actor_settings, upload, options, result) -> Iterator[dict[str, Any]]:
     batch = settings.batch_size
-    # One block per model batch (bounded), so that every actor gets work from the start.
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(math.ceil(len(rows) / batch), 4096)))
+    if isinstance(source, TaskPages):
+        # One listing task per page, several at once: listing overlaps with the model work.
+        ds = ray.data.from_items([{"page": p} for p in range(1, source.pages + 1)],
+                                 override_num_blocks=max(1, min(source.pages, 4096)))
+        ds = ds.map_batches(list_tasks, fn_kwargs={"pages": source, "model_version": job.model_version},
+                            batch_size=1, batch_format="numpy", num_cpus=0.25,
+                            compute=ray.data.TaskPoolStrategy(size=max(1, options.list_tasks)))
+    else:
+        columns = task_rows(source, job.model_version)
+        rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
+        # One block per model batch (bounded), so that every actor gets work from the start.
+        ds = ray.data.from_items(rows, override_num_blocks=max(1, min(math.ceil(len(rows) / batch), 4096)))
     # Fetch tasks hold a quarter CPU: they mostly wait on the network, and must run beside the actors.
     ds = ds.map_batches(fetch_images, fn_kwargs={"settings": settings, "job": job}, batch_size=batch,
                         batch_format="numpy", num_cpus=0.25)
@@ -385,36 +474,44 @@ def _plain(value: Any) -> Any:
 
 def run_prelabel_on_ray(settings: Settings, project: int, options: RayOptions, *, only_unlabeled: bool = False,
                         task_ids: Any = None, limit: int | None = None, progress: bool = True, client: Any = None):
-    """`run_prelabel` on Ray: the same selection, skipping, summary and exit code (a PrelabelSummary)."""
+    """`run_prelabel` on Ray: the same selection, skipping, summary and exit code (a PrelabelSummary,
+    which also carries the Ray figures as `.ray`, a RayRun)."""
     from .label_config import parse_label_config
-    from .ls_client import LabelStudioClient
-    from .pipeline import PredictionPipeline, compute_model_version
-    from .prelabel import PrelabelSummary, _progress, select_tasks, split_done
+    from .ls_client import LabelStudioClient, LabelStudioError
+    from .pipeline import PredictionPipeline
+    from .prelabel import PrelabelSummary, _progress, learned_for, select_tasks
 
     started = time.monotonic()
     import_ray()   # before any work: a missing Ray is a setup error
     client = client or LabelStudioClient.from_settings(settings)
-    version = compute_model_version(settings)
-    summary = PrelabelSummary(project=project, model_version=version)
     t0 = time.perf_counter()
     info = client.get_project(project)
     plan = parse_label_config(info.get("label_config") or "", settings.outputs)
-    # The job (what to predict) is prepared once, here, and sent to the actors as it is.
+    # The job (what to predict, the project's learned state, the model version) is prepared once,
+    # here, as the plain command prepares it, and sent to the actors as it is.
     planner = PredictionPipeline(settings, predictor=None)
-    job = planner.prepare(plan, project=project)
+    job = planner.prepare(plan, project=project, learned=learned_for(settings, project))
     planner.close()
-    todo: list[dict] = []
-    for task in select_tasks(client, project, only_unlabeled=only_unlabeled, task_ids=task_ids, limit=limit):
-        summary.seen += 1
-        fresh, done = split_done([task], version)
-        todo += fresh
-        summary.skipped.update({t["id"]: "already predicted (this model version)" for t in done})
+    summary = PrelabelSummary(project=project, model_version=job.model_version)
+    ids = None if task_ids is None else tuple(sorted({int(t) for t in task_ids}))
+    total = client.count_tasks(project, only_unlabeled) if ids is None else len(ids)
+    if limit is not None and total is not None:
+        total = min(total, limit)
+    source: TaskPages | list[dict]
+    if total is None:   # Label Studio does not say how many: list them here, then start
+        source = list(select_tasks(client, project, only_unlabeled=only_unlabeled, task_ids=ids, limit=limit))
+        total = len(source)
+    else:
+        # One page more than counted: tasks imported meanwhile are picked up as the plain command would.
+        source = TaskPages(url=client.url, token=client.access.token, project=project,
+                           pages=math.ceil(total / PAGE_SIZE) + 1, page_size=PAGE_SIZE,
+                           only_unlabeled=only_unlabeled, task_ids=ids, limit=limit, timeout=client.timeout)
     summary.add_time("ls_read", time.perf_counter() - t0)
-    logger.info("%d tasks listed in %.1f s; %d to predict", summary.seen, time.perf_counter() - t0, len(todo))
 
-    bar = _progress(len(todo), progress)
+    bar = _progress(total, progress)
 
     def on_outcome(row: dict[str, Any]) -> None:
+        summary.seen += 1
         if row["status"] == "stored":
             summary.done += 1
         elif row["status"] == "skipped":
@@ -426,7 +523,14 @@ def run_prelabel_on_ray(settings: Settings, project: int, options: RayOptions, *
 
     uploader = LabelStudioUploader(client.url, client.access.token, project, timeout=client.timeout)
     try:
-        ray_run = run(todo, job, settings, uploader, options, on_outcome=on_outcome)
+        ray_run = run(source, job, settings, uploader, options, on_outcome=on_outcome)
+    except LabelStudioError:
+        raise
+    except Exception as exc:
+        if "LabelStudioError" not in f"{type(exc).__name__}: {exc}":
+            raise
+        # Listing a page failed in a Ray task (after retries): the same exit as without Ray.
+        raise LabelStudioError(f"listing the tasks of project {project} failed: {str(exc)[-500:]}") from None
     finally:
         bar.close()
     if ray_run.startup_s:
@@ -434,6 +538,10 @@ def run_prelabel_on_ray(settings: Settings, project: int, options: RayOptions, *
     for stage, seconds in ray_run.timings.items():
         summary.add_time(stage, seconds)
     summary.seconds = time.monotonic() - started
-    logger.info("Ray: started in %.1f s; %d worker(s) ran %d tasks in %.1f s (model loading included)",
-                ray_run.startup_s, ray_run.workers, len(todo), ray_run.run_s)
+    work = summary.done + len(summary.failed)
+    steady = (work - 1) / (ray_run.run_s - ray_run.first_s) if work > 1 and ray_run.run_s > ray_run.first_s else 0.0
+    logger.info("Ray: started in %.1f s; %d worker(s) went through %d tasks in %.1f s: first result after %.1f s "
+                "(worker start, model load, one batch), then %.2f tasks/s", ray_run.startup_s, ray_run.workers,
+                summary.seen, ray_run.run_s, ray_run.first_s, steady)
+    summary.ray = ray_run
     return summary

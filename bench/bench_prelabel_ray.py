@@ -48,6 +48,8 @@ class RunFigures:
     seconds: float                       # the whole command: listing, Ray start, model load, work
     tasks_per_s: float
     startup_s: float = 0.0               # Ray start (local) or join
+    first_s: float = 0.0                 # Ray: tasks in to first outcome (worker start, model load, a batch)
+    steady_tasks_per_s: float = 0.0      # Ray: after the first outcome
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -126,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--model", choices=("tiny", "vit-b16"), default="tiny")
     parser.add_argument("--size", default="640x480", help="image size WxH")
+    parser.add_argument("--upload-chunk", type=int, default=8,
+                        help="predictions per upload call (small: results arrive steadily, so the rate after "
+                             "the first result is measurable)")
     parser.add_argument("--no-plain", action="store_true", help="skip the run without Ray")
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args(argv)
@@ -160,22 +165,29 @@ def main(argv: list[str] | None = None) -> int:
         project = new_project(f"bench {runner} {workers}")
         started = time.monotonic()
         if runner == "plain":
-            summary = run_prelabel(settings, project, progress=False, client=client)
+            summary = run_prelabel(settings, project, progress=False, client=client, upload_chunk=args.upload_chunk)
             startup = 0.0
         else:
-            options = RayOptions.from_settings(settings, None, workers)
+            options = RayOptions.from_settings(settings, None, workers, upload_chunk=args.upload_chunk)
             summary = run_prelabel_on_ray(settings, project, options, progress=False, client=client)
             startup = summary.timings.get("ray_start", 0.0)
         seconds = time.monotonic() - started
+        ray_run = getattr(summary, "ray", None)
+        first = ray_run.first_s if ray_run else 0.0
+        steady = (summary.done - 1) / (ray_run.run_s - first) if ray_run and ray_run.run_s > first else 0.0
         figures = RunFigures(runner=runner, workers=workers or 1, tasks=args.tasks, done=summary.done,
                              seconds=round(seconds, 2), tasks_per_s=round(summary.done / seconds, 3),
-                             startup_s=round(startup, 2),
+                             startup_s=round(startup, 2), first_s=round(first, 2),
+                             steady_tasks_per_s=round(steady, 3),
                              timings={k: round(v, 2) for k, v in summary.timings.items()})
         runs.append(figures)
         print(f"{runner:5s} workers={figures.workers}: {figures.done}/{args.tasks} tasks in {seconds:.1f} s "
-              f"= {figures.tasks_per_s:.2f} tasks/s; " + ", ".join(f"{k} {v:.1f} s" for k, v in figures.timings.items()),
+              f"= {figures.tasks_per_s:.2f} tasks/s"
+              + (f" (first result after {first:.1f} s, then {steady:.2f} tasks/s)" if ray_run else "") + "; "
+              + ", ".join(f"{k} {v:.1f} s" for k, v in figures.timings.items()),
               flush=True)
     api = time_api(client, project, chunk=min(100, args.tasks), version=summary.model_version)
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print(f"Label Studio API: list a page of 100 tasks {api.list_page_s * 1000:.0f} ms, "
           f"'already predicted?' check {api.check_s * 1000:.0f} ms per task, "
           f"store {api.chunk} predictions {api.store_chunk_s * 1000:.0f} ms")

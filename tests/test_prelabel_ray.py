@@ -119,7 +119,10 @@ def test_stages_store_what_the_plain_command_predicts(tiny_pipeline):
         return [t for t in ids if t not in skipped and t not in failed], skipped, failed
 
     actor = prelabel_ray.PredictActor(settings, job)
-    rows = [{"task": json.dumps(t)} for t in tasks]
+    # Task 20 already holds a prediction of this version: passed along, counted as skipped.
+    tasks.append({"id": 20, "data": tasks[0]["data"], "predictions": [{"model_version": job.model_version}]})
+    columns = prelabel_ray.task_rows(tasks, job.model_version)
+    rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
     outcomes = []
     for start in range(0, len(rows), 4):       # batches of another size than the plain command's
         fetched = prelabel_ray.fetch_images(_batch(rows[start:start + 4]), settings, job)
@@ -132,13 +135,14 @@ def test_stages_store_what_the_plain_command_predicts(tiny_pipeline):
     assert by_task[3]["why"].startswith("decode:")
     assert by_task[4]["status"] == "failed" and by_task[4]["why"].startswith("no_image:")
     assert by_task[11]["status"] == "skipped"
+    assert by_task[20]["status"] == "skipped" and by_task[20]["why"] == prelabel_ray.ALREADY_PREDICTED
     assert by_task[12]["status"] == "failed" and by_task[12]["why"] == "HTTP 400"
     assert by_task[16]["status"] == "failed" and "went away" in by_task[16]["why"]   # its chunk failed
     assert {t for t, o in by_task.items() if o["status"] == "stored"} == set(stored) == {10, 13, 14, 15}
     for task_id, payload in stored.items():
         assert payload["result"], task_id
         assert _without_ids(payload) == _without_ids(expected[task_id]), task_id
-    assert all(o["fetch_s"] > 0 and o["model_s"] >= 0 for o in outcomes)
+    assert all(o["fetch_s"] > 0 for o in outcomes if o["task_id"] != 20)
 
 
 def _without_ids(prediction: dict) -> dict:
@@ -165,3 +169,22 @@ def test_workers_default_to_one_per_gpu(monkeypatch, resources, device, workers,
     monkeypatch.setattr(prelabel_ray, "import_ray", lambda: FakeRay)
     options = prelabel_ray.RayOptions(workers=workers)
     assert prelabel_ray.plan_workers(options, Settings(device=device)) == expected
+
+
+def test_task_pages_read_like_the_plain_listing(monkeypatch):
+    """Pages read one by one (as the listing tasks do) give the plain command's tasks, `--limit` included."""
+    from backend import prelabel_ray
+
+    all_tasks = [{"id": i, "data": {"image": f"/data/{i}.png"}} for i in range(1, 251)]
+
+    class FakeClient:
+        def tasks_page(self, project, page, page_size, only_unlabeled, task_ids):
+            part = all_tasks[(page - 1) * page_size:page * page_size]
+            return part, len(part) >= page_size
+
+    monkeypatch.setitem(prelabel_ray._CLIENTS, ("http://ls", "key"), FakeClient())
+    pages = prelabel_ray.TaskPages(url="http://ls", token="key", project=1, pages=4, page_size=100)
+    assert [t["id"] for p in range(1, 5) for t in pages.read(p)] == list(range(1, 251))
+    limited = prelabel_ray.TaskPages(url="http://ls", token="key", project=1, pages=3, page_size=100, limit=130)
+    assert [t["id"] for p in range(1, 4) for t in limited.read(p)] == list(range(1, 131))
+    assert "key" not in repr(pages)
