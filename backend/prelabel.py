@@ -7,6 +7,8 @@ the server. Streams the project's tasks page by page, skips those that already h
 the current model version, runs the rest in batches through the server's `PredictionPipeline`, and
 uploads the predictions in chunks. Stopping and running it again never stores a task twice.
 Exit status: 0 when every task is done or skipped, 1 when some failed, 2 on a usage or setup error.
+`--ray [ADDRESS] [--workers N]` runs the same stages on a Ray cluster (backend/prelabel_ray.py,
+imported only then; docs/SCALING.md).
 
 The stages are small pieces other runners reuse (e.g. as Ray Data map stages)::
 
@@ -372,6 +374,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dry-run", action="store_true",
                         help="list what would be predicted and skipped; load no model, store nothing")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (cron jobs)")
+    parser.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                        help="run on Ray (pip install -r requirements-ray.txt): no ADDRESS starts a local Ray, "
+                             "'auto' joins this machine's cluster, ray://host:10001 a remote one (docs/SCALING.md)")
+    parser.add_argument("--workers", type=int, metavar="N",
+                        help="with --ray: model workers (default: one per GPU of the cluster, 1 without GPUs)")
     return parser
 
 
@@ -382,11 +389,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.limit is not None and args.limit < 0:
         print("error: --limit must be >= 0", file=sys.stderr)
         return 2
+    if args.workers is not None and (args.workers < 1 or args.ray is None):
+        print("error: --workers needs --ray and must be >= 1", file=sys.stderr)
+        return 2
     try:
         settings = Settings.from_env()
-        summary = run_prelabel(settings, args.project, only_unlabeled=args.only_unlabeled, task_ids=args.task_ids,
-                               limit=args.limit, dry_run=args.dry_run, batch_tasks=args.batch_tasks,
-                               upload_chunk=args.upload_chunk, progress=not args.no_progress)
+        if args.ray is not None and not args.dry_run:
+            # Imported here only: the plain command and the server never load Ray.
+            from .prelabel_ray import RayOptions, run_prelabel_on_ray
+            options = RayOptions.from_settings(settings, args.ray, args.workers, upload_chunk=args.upload_chunk)
+            summary = run_prelabel_on_ray(settings, args.project, options, only_unlabeled=args.only_unlabeled,
+                                          task_ids=args.task_ids, limit=args.limit, progress=not args.no_progress)
+        else:
+            summary = run_prelabel(settings, args.project, only_unlabeled=args.only_unlabeled,
+                                   task_ids=args.task_ids, limit=args.limit, dry_run=args.dry_run,
+                                   batch_tasks=args.batch_tasks, upload_chunk=args.upload_chunk,
+                                   progress=not args.no_progress)
     except (SettingsError, LabelStudioError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
