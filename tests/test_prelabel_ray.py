@@ -188,3 +188,11 @@ def test_task_pages_read_like_the_plain_listing(monkeypatch):
     limited = prelabel_ray.TaskPages(url="http://ls", token="key", project=1, pages=3, page_size=100, limit=130)
     assert [t["id"] for p in range(1, 4) for t in limited.read(p)] == list(range(1, 131))
     assert "key" not in repr(pages)
+
+
+def test_workers_without_ray_is_a_usage_error(capsys):
+    from backend.prelabel import main
+
+    assert main(["--project", "1", "--workers", "2"]) == 2
+    assert "--workers needs --ray" in capsys.readouterr().err
+    assert main(["--project", "1", "--ray", "--workers", "0"]) == 2
