@@ -141,18 +141,24 @@ class _RecordingFetcher:
     def __init__(self, fetcher: ImageFetcher):
         self.fetcher = fetcher
         self.images: dict[str, FetchedImage | tuple[str, str]] = {}
+        self._raw: dict[str, bytes] = {}
 
     def download(self, url: str, task_id: Any = None, project_key: str | None = None) -> str:
         try:
-            image = self.fetcher.decode(self.fetcher.download(url, task_id=task_id, project_key=project_key))
+            self._raw[url] = self.fetcher.download(url, task_id=task_id, project_key=project_key)
+        except ImageFetchError as exc:
+            self.images[url] = (str(exc), exc.reason)
+            raise
+        return url
+
+    def decode(self, url: str, **kwargs: Any) -> FetchedImage:
+        try:
+            image = self.fetcher.decode(self._raw.pop(url), **kwargs)
         except ImageFetchError as exc:
             self.images[url] = (str(exc), exc.reason)
             raise
         self.images[url] = image
-        return url
-
-    def decode(self, url: str) -> FetchedImage:
-        return self.images[url]  # type: ignore[return-value]
+        return image
 
 
 class _PrefetchedImages:
@@ -169,25 +175,44 @@ class _PrefetchedImages:
             raise ImageFetchError(found[0], reason=found[1])
         return url
 
-    def decode(self, url: str) -> FetchedImage:
-        return self.images[url]  # type: ignore[return-value]
+    def decode(self, url: str, **kwargs: Any) -> FetchedImage:
+        return self.images[url]  # type: ignore[return-value]   (decoded with the same arguments)
 
 
 class _FetchOnly:
-    """Enough of a PredictionPipeline for its fetch step (building one would load torch here)."""
+    """Enough of a PredictionPipeline for its fetch step (building one would load torch here).
+    `decode_min_side`: the actors' pipeline's, computed on the driver (`decode_min_side`)."""
 
-    def __init__(self, fetcher: Any):
+    def __init__(self, fetcher: Any, decode_min_side: int | None):
         self.fetcher = fetcher
+        self.decode_min_side = decode_min_side
 
     def _time(self, report: Any, stage: str, seconds: float) -> None:
         pass
 
 
-def fetch_task_images(fetcher: Any, task: Mapping[str, Any], job: Any) -> None:
+def fetch_task_images(fetcher: Any, task: Mapping[str, Any], job: Any, min_side: int | None) -> None:
     """Run the plain pipeline's own fetch step (URL lookup, download, decode) for one task."""
     from .pipeline import PredictionPipeline, PredictReport
 
-    PredictionPipeline._fetch_task(_FetchOnly(fetcher), task, job, PredictReport())
+    PredictionPipeline._fetch_task(_FetchOnly(fetcher, min_side), task, job, PredictReport())
+
+
+def planning_pipeline(settings: Settings):
+    """A PredictionPipeline on the model's architecture with random weights (nothing downloaded):
+    the driver prepares the job with it and reads how images are decoded (`decode_min_side`,
+    which depends on the architecture's patch size), exactly as the actors' pipeline will."""
+    import gem_model
+
+    from .pipeline import PredictionPipeline
+
+    s = settings
+    model = gem_model.create_gem_model(
+        model_name=s.model_name, pretrained=None, device="cpu", gem_depth=s.gem_depth,
+        ss_attn_iter=s.ss_attn_iter, ss_attn_temp=s.ss_attn_temp, model_config=s.model_config or None)
+    predictor = gem_model.HeatmapPredictor(model, image_size=s.image_size, resize_mode=s.resize_mode,
+                                           cache_bytes=0)
+    return PredictionPipeline(settings, predictor)
 
 
 _FETCHER: list = []   # [(settings, ImageFetcher)]: one per worker process, reused across batches
@@ -199,7 +224,7 @@ def _fetcher(settings: Settings) -> ImageFetcher:
     return _FETCHER[0][1]
 
 
-def fetch_images(batch: dict[str, Any], settings: Settings, job: Any) -> dict[str, Any]:
+def fetch_images(batch: dict[str, Any], settings: Settings, job: Any, min_side: int | None) -> dict[str, Any]:
     """Rows of tasks -> the same rows with their decoded images (pickled), downloaded in parallel."""
     fetcher = _fetcher(settings)
     tasks = [json.loads(t) for t in batch["task"]]
@@ -212,7 +237,7 @@ def fetch_images(batch: dict[str, Any], settings: Settings, job: Any) -> dict[st
         started = time.perf_counter()
         recorder = _RecordingFetcher(fetcher)
         try:
-            fetch_task_images(recorder, task, job)
+            fetch_task_images(recorder, task, job, min_side)
         except Exception:  # noqa: BLE001 - the actor's pipeline meets the same failure and reports it
             pass
         return pickle.dumps(recorder.images, protocol=5), time.perf_counter() - started
@@ -294,8 +319,11 @@ class LabelStudioUploader:
 
         uploader = PredictionUploader(_client(self.url, self.token, self.timeout), self.project,
                                       chunk=max(1, len(payloads)))
-        uploader.pending.extend(payloads)
-        return uploader.flush()
+        try:
+            uploader.pending.extend(payloads)   # one chunk: flush() stores it and reports every task
+            return uploader.flush()
+        finally:
+            uploader.close()
 
 
 def upload_predictions(batch: dict[str, Any], upload: Callable[[list[dict]], tuple[list, list, dict]]
@@ -392,13 +420,15 @@ def plan_workers(options: RayOptions, settings: Settings) -> tuple[int, float]:
 
 
 def run(source: TaskPages | Sequence[Mapping[str, Any]], job: Any, settings: Settings, upload: Callable,
-        options: RayOptions, on_outcome: Callable[[dict[str, Any]], None] | None = None) -> RayRun:
+        options: RayOptions, on_outcome: Callable[[dict[str, Any]], None] | None = None,
+        min_side: int | None = None) -> RayRun:
     """Predict the tasks of `source` on Ray and store the predictions through `upload`.
 
     `source`: `TaskPages` (the listing tasks read the pages, in parallel) or tasks already listed.
     `upload` is picklable (it runs in the upload tasks): called with a chunk of payloads, it
     returns (stored ids, skipped ids, failures {id: reason}), like `PredictionUploader.flush`.
-    `on_outcome` sees each task's outcome row (`task_id`, `status`: stored / skipped / failed,
+    `min_side`: how the fetch tasks decode images, the actors' pipeline's `decode_min_side`
+    (`planning_pipeline(settings).decode_min_side`). `on_outcome` sees each task's outcome row (`task_id`, `status`: stored / skipped / failed,
     `why`, stage seconds) as it arrives.
     """
     ray = import_ray()
@@ -419,7 +449,7 @@ def run(source: TaskPages | Sequence[Mapping[str, Any]], job: Any, settings: Set
                     ", ".join(f"{k} {v:g}" for k, v in sorted(ray.cluster_resources().items())
                               if k in ("CPU", "GPU")))
         started = time.perf_counter()
-        for row in _outcomes(ray, source, job, settings, actor_settings, upload, options, result):
+        for row in _outcomes(ray, source, job, settings, actor_settings, upload, options, result, min_side):
             result.outcomes.append(row)
             if not result.outcomes[1:]:
                 result.first_s = time.perf_counter() - started
@@ -434,7 +464,8 @@ def run(source: TaskPages | Sequence[Mapping[str, Any]], job: Any, settings: Set
     return result
 
 
-def _outcomes(ray, source, job, settings, actor_settings, upload, options, result) -> Iterator[dict[str, Any]]:
+def _outcomes(ray, source, job, settings, actor_settings, upload, options, result,
+              min_side) -> Iterator[dict[str, Any]]:
     batch = settings.batch_size
     if isinstance(source, TaskPages):
         # One listing task per page, several at once: listing overlaps with the model work.
@@ -443,13 +474,17 @@ def _outcomes(ray, source, job, settings, actor_settings, upload, options, resul
         ds = ds.map_batches(list_tasks, fn_kwargs={"pages": source, "model_version": job.model_version},
                             batch_size=1, batch_format="numpy", num_cpus=0.25,
                             compute=ray.data.TaskPoolStrategy(size=max(1, options.list_tasks)))
+        # A page comes out as one block, and a block goes to one actor: cut it into model batches
+        # (streaming) so that every worker gets work.
+        ds = ds.repartition(target_num_rows_per_block=batch)
     else:
         columns = task_rows(source, job.model_version)
         rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
         # One block per model batch (bounded), so that every actor gets work from the start.
         ds = ray.data.from_items(rows, override_num_blocks=max(1, min(math.ceil(len(rows) / batch), 4096)))
     # Fetch tasks hold a quarter CPU: they mostly wait on the network, and must run beside the actors.
-    ds = ds.map_batches(fetch_images, fn_kwargs={"settings": settings, "job": job}, batch_size=batch,
+    ds = ds.map_batches(fetch_images, fn_kwargs={"settings": settings, "job": job, "min_side": min_side},
+                        batch_size=batch,
                         batch_format="numpy", num_cpus=0.25)
     ds = ds.map_batches(PredictActor, fn_constructor_kwargs={"settings": actor_settings, "job": job},
                         batch_size=batch, batch_format="numpy",
@@ -478,7 +513,6 @@ def run_prelabel_on_ray(settings: Settings, project: int, options: RayOptions, *
     which also carries the Ray figures as `.ray`, a RayRun)."""
     from .label_config import parse_label_config
     from .ls_client import LabelStudioClient, LabelStudioError
-    from .pipeline import PredictionPipeline
     from .prelabel import PrelabelSummary, _progress, learned_for, select_tasks
 
     started = time.monotonic()
@@ -489,8 +523,9 @@ def run_prelabel_on_ray(settings: Settings, project: int, options: RayOptions, *
     plan = parse_label_config(info.get("label_config") or "", settings.outputs)
     # The job (what to predict, the project's learned state, the model version) is prepared once,
     # here, as the plain command prepares it, and sent to the actors as it is.
-    planner = PredictionPipeline(settings, predictor=None)
+    planner = planning_pipeline(settings)
     job = planner.prepare(plan, project=project, learned=learned_for(settings, project))
+    min_side = planner.decode_min_side
     planner.close()
     summary = PrelabelSummary(project=project, model_version=job.model_version)
     ids = None if task_ids is None else tuple(sorted({int(t) for t in task_ids}))
@@ -523,7 +558,7 @@ def run_prelabel_on_ray(settings: Settings, project: int, options: RayOptions, *
 
     uploader = LabelStudioUploader(client.url, client.access.token, project, timeout=client.timeout)
     try:
-        ray_run = run(source, job, settings, uploader, options, on_outcome=on_outcome)
+        ray_run = run(source, job, settings, uploader, options, on_outcome=on_outcome, min_side=min_side)
     except LabelStudioError:
         raise
     except Exception as exc:

@@ -125,7 +125,7 @@ def test_stages_store_what_the_plain_command_predicts(tiny_pipeline):
     rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
     outcomes = []
     for start in range(0, len(rows), 4):       # batches of another size than the plain command's
-        fetched = prelabel_ray.fetch_images(_batch(rows[start:start + 4]), settings, job)
+        fetched = prelabel_ray.fetch_images(_batch(rows[start:start + 4]), settings, job, plain.decode_min_side)
         uploaded = prelabel_ray.upload_predictions(actor(fetched), upload)
         outcomes += [dict(zip(uploaded, values)) for values in zip(*uploaded.values())]
 
@@ -143,6 +143,16 @@ def test_stages_store_what_the_plain_command_predicts(tiny_pipeline):
         assert payload["result"], task_id
         assert _without_ids(payload) == _without_ids(expected[task_id]), task_id
     assert all(o["fetch_s"] > 0 for o in outcomes if o["task_id"] != 20)
+
+
+def test_fetch_tasks_decode_as_the_actors_pipeline_does(tiny_pipeline):
+    """The driver's planning pipeline (random weights, nothing loaded) decodes like the real one."""
+    from backend import prelabel_ray
+
+    settings, plain = tiny_pipeline
+    planner = prelabel_ray.planning_pipeline(settings)
+    assert planner.decode_min_side == plain.decode_min_side is not None
+    assert planner.model_version == plain.model_version
 
 
 def _without_ids(prediction: dict) -> dict:

@@ -74,6 +74,10 @@ def projects(ls, web_server):
         name = f"prelabel-ray-{i}.png"
         pattern_image(width, height, seed=20 + i).save(web_server.root / name)
         urls.append(f"{web_server.url}/{name}")
+    # A large JPEG is decoded in draft mode (reduced, backend/images.py): the fetch tasks must decode
+    # it exactly as the plain pipeline does.
+    pattern_image(480, 320, seed=40).save(web_server.root / "prelabel-ray-large.jpg", quality=90)
+    urls.append(f"{web_server.url}/prelabel-ray-large.jpg")
     urls.insert(3, f"{web_server.url}/missing.png")          # 404: fails in both runs
     ids = []
     for title in ("e2e prelabel plain", "e2e prelabel ray"):
@@ -100,13 +104,13 @@ def test_plain_command_runs_without_ray(runs):
     plain, _ = runs
     assert "must not import ray" not in plain.output
     assert plain.code == 1, plain.output[-3000:]          # 1: the missing image failed
-    assert plain.summary() == {"seen": 8, "done": 7, "skipped": 0, "failed": 1}
+    assert plain.summary() == {"seen": 9, "done": 8, "skipped": 0, "failed": 1}
 
 
 def test_ray_run_stores_every_task_once_with_two_workers(ls, projects, runs):
     _, ray_run = runs
     assert ray_run.code == 1, ray_run.output[-5000:]
-    assert ray_run.summary() == {"seen": 8, "done": 7, "skipped": 0, "failed": 1}
+    assert ray_run.summary() == {"seen": 9, "done": 8, "skipped": 0, "failed": 1}
     assert "2 model worker(s)" in ray_run.output, ray_run.output[-3000:]
     assert re.search(r"failed task \d+: http_4xx", ray_run.output) or "404" in ray_run.output, ray_run.output[-3000:]
     for url, predictions in stored(ls, projects[1]).items():
@@ -131,12 +135,12 @@ def test_ray_predictions_equal_the_plain_commands(ls, projects, runs):
             assert (mask_a == mask_b).all(), (url, label)
         assert without_ids(a["result"]) == without_ids(b["result"]), f"{url}: RLE, polygons or rectangles differ"
         compared += 1
-    assert compared == 7
+    assert compared == 8
 
 
 def test_ray_rerun_adds_nothing(ls, prelabel, projects, runs):
     before = {url: len(p) for url, p in stored(ls, projects[1]).items()}
     again = prelabel(projects[1], "--ray", "--workers", "2")
     assert again.code == 1, again.output[-3000:]           # the missing image is tried again, and fails
-    assert again.summary() == {"seen": 8, "done": 0, "skipped": 7, "failed": 1}
+    assert again.summary() == {"seen": 9, "done": 0, "skipped": 8, "failed": 1}
     assert {url: len(p) for url, p in stored(ls, projects[1]).items()} == before
