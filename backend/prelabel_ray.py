@@ -1,15 +1,17 @@
 """`python -m backend.prelabel --ray [ADDRESS]`: the pre-labelling job as a Ray Data pipeline.
 
-    driver:  list the tasks, drop those already predicted        backend.prelabel.select_tasks / split_done
-      -> fetch:   download + decode each task's images            CPU tasks, GEM_FETCH_WORKERS threads each
-      -> predict: GEM + regions -> Label Studio results           actor pool, the model loaded once per actor
-      -> upload:  check + store the predictions, in chunks        CPU tasks, GEM_RAY_UPLOAD_TASKS at once
+    driver:  the job (label config, learned state, model version), how many tasks
+      -> list:    one page of the task list; mark tasks already predicted   CPU tasks, GEM_RAY_LIST_TASKS at once
+      -> fetch:   download + decode each task's images                      CPU tasks, GEM_FETCH_WORKERS threads each
+      -> predict: GEM + regions -> Label Studio results                     actor pool, the model loaded once per actor
+      -> upload:  check + store the predictions, in chunks                  CPU tasks, GEM_RAY_UPLOAD_TASKS at once
     driver:  progress bar, the summary and the exit code of the plain command
 
 Identical results: each actor runs the plain command's own `predict_tasks` (so the very
 `PredictionPipeline.predict`) with the same settings on the same tasks; only the downloads moved
 out, into the fetch tasks: the actor's pipeline gets a fetcher that hands back the images they
-decoded, or raises the error they met. The upload tasks use the plain command's
+decoded (decoding as it would), or raises the error they met. Tasks already predicted are
+marked by the plain command's `split_done` and only counted. The upload tasks use the plain command's
 `PredictionUploader`, which asks Label Studio right before writing, so a rerun, or another runner
 on the same project, never stores a task twice.
 
@@ -58,8 +60,8 @@ class RayOptions:
     def from_settings(cls, settings: Settings, address: str | None, workers: int | None,
                       upload_chunk: int = 100) -> "RayOptions":
         return cls(address=address or None, workers=workers, upload_chunk=upload_chunk,
-                   upload_tasks=settings.ray_upload_tasks, list_tasks=settings.ray_list_tasks, object_store_mb=settings.ray_object_store_mb,
-                   local_cpus=settings.ray_local_cpus or None)
+                   upload_tasks=settings.ray_upload_tasks, list_tasks=settings.ray_list_tasks,
+                   object_store_mb=settings.ray_object_store_mb, local_cpus=settings.ray_local_cpus or None)
 
 
 # ---------------------------------------------------------------------------------------------
