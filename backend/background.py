@@ -33,6 +33,9 @@ from .prompts import project_key
 
 logger = logging.getLogger("backend.background")
 
+# TaskOutcome.reason of tasks answered without `result` that are on their way, not failed.
+LATER_REASONS = frozenset({DEFERRED, "background", "stored"})
+
 
 @dataclass
 class _Item:

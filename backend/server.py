@@ -23,7 +23,7 @@ from typing import Any
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from .background import BackgroundFinisher, BudgetedBatch
+from .background import LATER_REASONS, BackgroundFinisher, BudgetedBatch
 from .claims import ClaimStore
 from .label_config import LabelConfigError, parse_label_config, warm_up
 from .ls_client import LabelStudioClient, LabelStudioError
@@ -251,12 +251,15 @@ def create_app(settings: Settings, model: GemBackendModel | None = None, load: b
             raise ApiError(422, str(exc)) from None
         except ModelNotReady as exc:
             raise ApiError(503, str(exc), model_ready=False) from None
-        failed = [{"task": o.task_id, "reason": o.reason, "message": o.message} for o in report.outcomes if not o.ok]
+        # Tasks left to the background (or to another worker) are not failures: they are on their way.
+        later = sum(1 for o in report.outcomes if not o.ok and o.reason in LATER_REASONS)
+        failed = [{"task": o.task_id, "reason": o.reason, "message": o.message} for o in report.outcomes
+                  if not o.ok and o.reason not in LATER_REASONS]
         g.log.update(interactive=report.interactive, prompts=len(report.prompts),
                      results=sum(o.results for o in report.outcomes),
                      failed=failed[:_LOGGED_TASK_IDS],
                      timings_ms={k: round(v * 1000, 1) for k, v in report.timings.items()},
-                     deferred=len(report.deferred),
+                     deferred=len(report.deferred), later=later,
                      outcome="ok" if not failed else ("partial" if len(failed) < len(tasks) else "failed"))
         for prediction in predictions:
             for item in prediction.get("result", ()):

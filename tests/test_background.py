@@ -168,7 +168,8 @@ def test_a_full_queue_leaves_the_rest_for_later(tmp_path, fake_ls):
     results = _predict(app.test_client(), _tasks(fake_ls, 8))
     full = [r for r in results if "result" not in r and "GEM_BACKGROUND_QUEUE=2" in r["error"]]
     queued = [r for r in results if "result" not in r and "finishing in the background" in r["error"]]
-    assert len(queued) == 2 and len(full) >= 5
+    answered = [r for r in results if "result" in r]
+    assert len(queued) == 2 and full and len(answered) + len(queued) + len(full) == 8
     gem.finisher.close()
 
 
@@ -181,7 +182,9 @@ def test_shutdown_drops_the_queue_and_its_claims(tmp_path, fake_ls):
     assert gem.finisher.queued() == 0 and gem.finisher.counts["dropped"] > 0
     assert not gem.finisher._thread.is_alive()
     others = ClaimStore(str(tmp_path / "claims.sqlite"))
-    assert others.held_by_others([t["id"] for t in tasks], VERSION) == set()
+    # nothing left claimed but the short "just stored" markers of tasks that are stored
+    stored_ids = {str(p["task"]) for p in fake_ls.predictions}
+    assert others.held_by_others([t["id"] for t in tasks], VERSION) <= stored_ids
     stored = len(fake_ls.predictions)
     assert stored + gem.finisher.counts["dropped"] + gem.finisher.counts["failed"] <= 20
     assert gem.finisher.submit(tasks[:1], gem.model.prepare(label_config=BRUSH_CONFIG), 1) == [False]
