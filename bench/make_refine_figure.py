@@ -150,6 +150,39 @@ def main(argv=None) -> None:
     print(f"| **mean, one label (10 scenes)** | **{single[:, 0].mean():.3f}** | **{single[:, 1].mean():.3f}** |")
     print(f"| **mean, two labels (6 scenes)** | **{double[:, 0].mean():.3f}** | **{double[:, 1].mean():.3f}** |")
     print(f"| control: invisible object, mean of 10 | {control[:, 0].mean():.3f} | {control[:, 1].mean():.3f} |")
+    large_photos()
+
+
+def large_photos(size: int = 896, patch: int = 32) -> None:
+    """The same scenes rendered natively at `size` px (a 28-patch grid of `patch` px): regions from maps
+    at the original size (how they were made before the working resolution) against maps at the
+    working size (`regions.working_size`: 224 px without refinement, 512 px with), scaled back."""
+    from gem_model.regions import working_size
+
+    def shrink(sims, work):
+        return np.stack([np.asarray(Image.fromarray(m).resize(work[::-1], Image.BILINEAR)) for m in sims])
+
+    scenes = [("one label (10 scenes)", [SCENES.make_scene(seed, size=size, patch=patch) for seed in range(10)]),
+              ("two labels (6 scenes)", [SCENES.make_two_label_scene(seed, size=size, patch=patch)
+                                         for seed in range(6)])]
+    print(f"\n| {size} px scenes, mean IoU | original-size maps, none | working size, none | "
+          "original-size maps, guided | working size, guided |")
+    print("|---|---|---|---|---|")
+    for name, cases in scenes:
+        values = []
+        for image, sims, truth in cases:
+            truths = truth if truth.ndim == 3 else truth[None]
+            labels = ["a", "b"][:len(truths)]
+            row = []
+            for config in (PLAIN, GUIDED):
+                work = working_size((size, size), (size // patch, size // patch), config)
+                for maps, kwargs in ((sims, {}), (shrink(sims, work), {"size": (size, size)})):
+                    masks = masks_of(extract_regions(maps, labels, config, image=image, **kwargs), labels,
+                                     truths[0].shape)
+                    row.append(np.mean([SCENES.iou(m, t) for m, t in zip(masks, truths)]))
+            values.append([row[0], row[1], row[2], row[3]])
+        means = np.mean(values, axis=0)
+        print(f"| {name} | " + " | ".join(f"{v:.3f}" for v in means) + " |")
 
 
 if __name__ == "__main__":
