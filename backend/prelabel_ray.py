@@ -430,8 +430,8 @@ def run(source: TaskPages | Sequence[Mapping[str, Any]], job: Any, settings: Set
     `upload` is picklable (it runs in the upload tasks): called with a chunk of payloads, it
     returns (stored ids, skipped ids, failures {id: reason}), like `PredictionUploader.flush`.
     `min_side`: how the fetch tasks decode images, the actors' pipeline's `decode_min_side`
-    (`planning_pipeline(settings).decode_min_side`). `on_outcome` sees each task's outcome row (`task_id`, `status`: stored / skipped / failed,
-    `why`, stage seconds) as it arrives.
+    (`planning_pipeline(settings).decode_min_side`). `on_outcome` sees each task's outcome row
+    (`task_id`, `status`: stored / skipped / failed, `why`, stage seconds) as it arrives.
     """
     ray = import_ray()
     if not isinstance(source, TaskPages) and not source:
@@ -451,7 +451,13 @@ def run(source: TaskPages | Sequence[Mapping[str, Any]], job: Any, settings: Set
                     ", ".join(f"{k} {v:g}" for k, v in sorted(ray.cluster_resources().items())
                               if k in ("CPU", "GPU")))
         started = time.perf_counter()
-        for row in _outcomes(ray, source, job, settings, actor_settings, upload, options, result, min_side):
+        args = (source, job, settings, actor_settings, upload, options, result.workers, result.gpus_per_worker,
+                min_side)
+        if ray.util.client.ray.is_connected():
+            rows = _outcomes_from_cluster(ray, args)   # Ray Client: the pipeline runs on the cluster
+        else:
+            rows = _outcomes(ray, *args)
+        for row in rows:
             result.outcomes.append(row)
             if not result.outcomes[1:]:
                 result.first_s = time.perf_counter() - started
@@ -466,7 +472,50 @@ def run(source: TaskPages | Sequence[Mapping[str, Any]], job: Any, settings: Set
     return result
 
 
-def _outcomes(ray, source, job, settings, actor_settings, upload, options, result,
+def _outcomes_from_cluster(ray, args: tuple) -> Iterator[dict[str, Any]]:
+    """Run the pipeline in a task on the cluster and relay its outcome rows as they come.
+
+    Ray Data's streaming execution needs a driver inside the cluster, which a Ray Client
+    connection (`ray://`) is not; so a task there drives it and passes the outcomes through a
+    small actor that this side polls (Ray Client cannot stream a generator's results).
+    """
+    @ray.remote(num_cpus=0)
+    class Outbox:
+        def __init__(self):
+            self.rows: list = []
+
+        def put(self, rows: list) -> None:
+            self.rows.extend(rows)
+
+        def take(self) -> list:
+            rows, self.rows = self.rows, []
+            return rows
+
+    @ray.remote(num_cpus=0)
+    def drive(outbox, args: tuple) -> None:
+        import ray as cluster_ray
+
+        cluster_ray.data.DataContext.get_current().enable_progress_bars = False
+        rows: list = []
+        for row in _outcomes(cluster_ray, *args):
+            rows.append(row)
+            if len(rows) >= 64:
+                cluster_ray.get(outbox.put.remote(rows))
+                rows = []
+        cluster_ray.get(outbox.put.remote(rows))
+
+    outbox = Outbox.remote()
+    done = drive.remote(outbox, args)
+    while True:
+        finished = bool(ray.wait([done], timeout=1.0)[0])
+        yield from ray.get(outbox.take.remote())
+        if finished:
+            ray.get(done)    # raises what failed on the cluster
+            yield from ray.get(outbox.take.remote())
+            return
+
+
+def _outcomes(ray, source, job, settings, actor_settings, upload, options, workers, gpus_per_worker,
               min_side) -> Iterator[dict[str, Any]]:
     batch = settings.batch_size
     if isinstance(source, TaskPages):
@@ -490,8 +539,8 @@ def _outcomes(ray, source, job, settings, actor_settings, upload, options, resul
                         batch_format="numpy", num_cpus=0.25)
     ds = ds.map_batches(PredictActor, fn_constructor_kwargs={"settings": actor_settings, "job": job},
                         batch_size=batch, batch_format="numpy",
-                        compute=ray.data.ActorPoolStrategy(size=result.workers),
-                        num_cpus=1, num_gpus=result.gpus_per_worker or None)
+                        compute=ray.data.ActorPoolStrategy(size=workers),
+                        num_cpus=1, num_gpus=gpus_per_worker or None)
     ds = ds.map_batches(upload_predictions, fn_kwargs={"upload": upload}, batch_size=options.upload_chunk,
                         batch_format="numpy", num_cpus=0.25,
                         compute=ray.data.TaskPoolStrategy(size=max(1, options.upload_tasks)))
