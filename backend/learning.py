@@ -22,6 +22,7 @@ import logging
 import os
 import queue
 import sqlite3
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -676,7 +677,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = Settings.from_env()
     except SettingsError as exc:
-        print(exc)
+        print(exc, file=sys.stderr)
         return 2
     store = LearningStore(settings.model_dir)
     if args.command == "status":

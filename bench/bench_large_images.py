@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_gem import (_ImageServer, _peak_rss_bytes, _reset_peak_rss, _rss_bytes,  # noqa: E402
-                             _stage_sums, cpu_name, photo_like)
+                             _stage_sums, cpu_name, photo_like, write_report)
 
 SIZES = {"800x600": (800, 600), "1920x1080": (1920, 1080), "12 MP": (4000, 3000), "50 MP": (8160, 6120)}
 LABELS = ["cat", "dog", "car", "person", "tree", "building", "sky", "road", "bicycle", "bird"]
@@ -181,17 +181,6 @@ def render(runs: dict, mem: list[dict], args) -> str:
     return "\n".join(lines)
 
 
-def write(path: Path, block: str) -> None:
-    begin, end = "<!-- bench:large-images:begin", "<!-- bench:large-images:end -->"
-    text = path.read_text() if path.exists() else "# Performance\n"
-    start = text.find(begin)
-    if start >= 0 and text.find(end, start) >= 0:
-        text = text[:start] + block + text[text.find(end, start) + len(end):]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -210,7 +199,7 @@ def main(argv=None) -> int:
     block = render(runs, memory(args), args)
     print(block)
     if args.write:
-        write(args.write, block)
+        write_report(args.write, block, "large-images")
     return 0
 
 

@@ -11,6 +11,7 @@ import base64
 import io
 import json
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
@@ -116,6 +117,18 @@ class FakePredictor:
             return np.stack(maps)
         finally:
             self._leave()
+
+
+class SlowPredictor(FakePredictor):
+    """Each encoded image costs `seconds` of wall time."""
+
+    def __init__(self, seconds: float):
+        super().__init__()
+        self.seconds = seconds
+
+    def encode(self, images, batch_size=8):
+        time.sleep(self.seconds * len(images))
+        return super().encode(images, batch_size)
 
 
 @dataclass

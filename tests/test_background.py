@@ -13,21 +13,12 @@ from backend.metrics import BackendMetrics
 from backend.model import GemBackendModel
 from backend.server import create_app
 from backend.settings import Settings
-from backend_fixtures import BRUSH_CONFIG, FakePredictor, data_uri, fake_extract_regions, square_image
+from backend_fixtures import BRUSH_CONFIG, FakePredictor, SlowPredictor, data_uri, fake_extract_regions, square_image
 from fake_label_studio import FakeLabelStudio
 
 TOKEN = "legacy-token-0123456789"
 VERSION = "gem-test-v1"
 
-
-class SlowPredictor(FakePredictor):
-    def __init__(self, seconds: float):
-        super().__init__()
-        self.seconds = seconds
-
-    def encode(self, images, batch_size=8):
-        time.sleep(self.seconds * len(images))
-        return super().encode(images, batch_size)
 
 
 @pytest.fixture

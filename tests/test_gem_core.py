@@ -34,7 +34,9 @@ def _unit(x):
     return x / x.norm(dim=-1, keepdim=True)
 
 
-def reference_maps(clip, images, prompts, depth, iters, temp, ori=False):
+def reference_input_tokens(clip, images):
+    """A float64 copy of `clip` and the tokens entering its first block: patch embedding, class
+    token, positional embedding (bicubic-resampled for another grid), ln_pre. x: [B, 1+h*w, D]."""
     clip = copy.deepcopy(clip).double()
     visual = clip.visual
     images = images.double()
@@ -49,7 +51,12 @@ def reference_maps(clip, images, prompts, depth, iters, temp, ori=False):
         grid = pos[1:].reshape(1, gh, gw, -1).permute(0, 3, 1, 2)
         grid = F.interpolate(grid, size=(h, w), mode="bicubic", antialias=True, align_corners=False)
         pos = torch.cat([pos[:1], grid.permute(0, 2, 3, 1).reshape(h * w, -1)])
-    x = _layer_norm(visual.ln_pre, x + pos)
+    return clip, _layer_norm(visual.ln_pre, x + pos), (b, h, w)
+
+
+def reference_maps(clip, images, prompts, depth, iters, temp, ori=False):
+    clip, x, (b, h, w) = reference_input_tokens(clip, images)
+    visual = clip.visual
 
     blocks = visual.transformer.resblocks
     first = len(blocks) - (depth - 1)
@@ -86,7 +93,7 @@ def reference_maps(clip, images, prompts, depth, iters, temp, ori=False):
     text = _unit(torch.stack([
         clip.encode_text(clip_tokenizer(clip)([f"a photo of a {pr}."]))[0] for pr in prompts]))
     sims = torch.einsum("bhwd,pd->bphw", tokens, text)
-    return F.interpolate(sims, size=(height, width), mode="bilinear", align_corners=False)
+    return F.interpolate(sims, size=images.shape[-2:], mode="bilinear", align_corners=False)
 
 
 def clip_tokenizer(clip):

@@ -1,6 +1,5 @@
 """ClearCLIP / NACLIP modes, sliding windows and PAMR against plain float64 implementations of
 their papers' equations."""
-import copy
 import math
 
 import pytest
@@ -10,7 +9,7 @@ import torch.nn.functional as F
 from gem_model import InvalidInputError, create_gem_model
 from gem_model.model import window_starts
 from gem_model.pamr import pamr
-from test_gem_core import PROMPTS, _layer_norm, _unit, clip_tokenizer
+from test_gem_core import PROMPTS, _layer_norm, _unit, clip_tokenizer, reference_input_tokens
 
 
 def make(tiny_model_files, **kwargs):
@@ -26,21 +25,8 @@ def make(tiny_model_files, **kwargs):
 #              patches (grid coordinates), 0 wherever the class token is involved
 # ---------------------------------------------------------------------------------------------
 def reference_variant(clip, images, prompts, mode, sigma=5.0):
-    clip = copy.deepcopy(clip).double()
+    clip, x, (b, h, w) = reference_input_tokens(clip, images)
     visual = clip.visual
-    images = images.double()
-    b, _, height, width = images.shape
-    p = visual.patch_size[0]
-    h, w = height // p, width // p
-    x = F.conv2d(images, visual.conv1.weight, stride=p).flatten(2).transpose(1, 2)
-    x = torch.cat([visual.class_embedding.view(1, 1, -1).expand(b, 1, -1), x], 1)
-    pos = visual.positional_embedding
-    gh, gw = visual.grid_size
-    if (h, w) != (gh, gw):
-        grid = pos[1:].reshape(1, gh, gw, -1).permute(0, 3, 1, 2)
-        grid = F.interpolate(grid, size=(h, w), mode="bicubic", antialias=True, align_corners=False)
-        pos = torch.cat([pos[:1], grid.permute(0, 2, 3, 1).reshape(h * w, -1)])
-    x = _layer_norm(visual.ln_pre, x + pos)
     blocks = visual.transformer.resblocks
     n_tokens = x.shape[1]
     gauss = torch.zeros(n_tokens, n_tokens, dtype=torch.float64)
@@ -76,7 +62,7 @@ def reference_variant(clip, images, prompts, mode, sigma=5.0):
     text = _unit(torch.stack([
         clip.encode_text(clip_tokenizer(clip)([f"a photo of a {pr}."]))[0] for pr in prompts]))
     sims = torch.einsum("bhwd,pd->bphw", tokens, text)
-    return F.interpolate(sims, size=(height, width), mode="bilinear", align_corners=False)
+    return F.interpolate(sims, size=images.shape[-2:], mode="bilinear", align_corners=False)
 
 
 @pytest.mark.parametrize("mode,sigma,size", [

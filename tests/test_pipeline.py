@@ -9,7 +9,7 @@ import pytest
 
 from backend.pipeline import (DEFERRED, Budget, PredictionPipeline, ProjectLearned, RequestLimitError)
 from backend.settings import Settings
-from backend_fixtures import BRUSH_CONFIG, FakePredictor, data_uri, fake_extract_regions, square_image
+from backend_fixtures import BRUSH_CONFIG, FakePredictor, SlowPredictor, data_uri, fake_extract_regions, square_image
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,17 +21,6 @@ class FakeClock:
     def __call__(self) -> float:
         return self.now
 
-
-class SlowPredictor(FakePredictor):
-    """Each encoded image costs `seconds` of wall time."""
-
-    def __init__(self, seconds: float):
-        super().__init__()
-        self.seconds = seconds
-
-    def encode(self, images, batch_size=8):
-        time.sleep(self.seconds * len(images))
-        return super().encode(images, batch_size)
 
 
 def _pipeline(tmp_path, predictor=None, **settings) -> PredictionPipeline:
