@@ -107,7 +107,7 @@ def check_download_possible(model_name: str, tag: str, tag_cfg: Mapping[str, Any
     """Raise WeightsNotFoundError at once when the tag's weights (not in the cache) cannot be
     downloaded: downloads are switched off, or one request to their source gets no answer."""
     source = download_source(tag_cfg)
-    where = f"cache {cache_dir}" if cache_dir else "the default cache"
+    where = f"cache {cache_dir}" if cache_dir else "default cache"
     advice = (f"Download them once on a connected machine (python -m gem_model.prefetch --model {model_name} "
               f"--pretrained {tag}) and copy the cache here or point pretrained at the file; "
               f"or use pretrained 'none' for random weights")
