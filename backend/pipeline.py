@@ -409,31 +409,8 @@ class PredictionPipeline:
 
     def _fetch_task(self, task: Mapping[str, Any], job: PredictionJob,
                     report: PredictReport) -> dict[str, FetchedImage]:
-        images: dict[str, FetchedImage] = {}
-        plan = job.plan
-        data = task.get("data") if isinstance(task, Mapping) else None
-        if not isinstance(data, Mapping):
-            raise TaskError("task has no 'data' object", reason="no_image")
-        for spec in plan.images:
-            if spec.data_key is None:
-                url = spec.value
-            else:
-                url = data.get(spec.data_key)
-                if url is None and len(plan.images) == 1:
-                    url = data.get(UNDEFINED_DATA_KEY)
-            if not isinstance(url, str) or not url.strip():
-                raise TaskError(f"task data has no '{spec.data_key}' image URL (needed by <Image name='{spec.name}' "
-                                f"value='{spec.value}'>)", reason="no_image")
-            try:
-                started = time.perf_counter()
-                raw = self.fetcher.download(url, task_id=task_id(task), project_key=job.project)
-                self._time(report, "fetch", time.perf_counter() - started)
-                started = time.perf_counter()
-                images[spec.name] = self.fetcher.decode(raw, min_side=self.decode_min_side)
-                self._time(report, "preprocess", time.perf_counter() - started)
-            except ImageFetchError as exc:
-                raise TaskError(f"image '{spec.name}': {exc}", reason=exc.reason) from None
-        return images
+        return fetch_task_images(self.fetcher, task, job, self.decode_min_side,
+                                 timer=lambda stage, seconds: self._time(report, stage, seconds))
 
     def _predict_chunk(self, fetched: dict[int, dict[str, FetchedImage]], job: PredictionJob,
                        predictions: list, report: PredictReport) -> None:
@@ -640,3 +617,40 @@ def _guide(image: FetchedImage, size: tuple[int, int]) -> np.ndarray:
     if picture.size != (size[1], size[0]):
         picture = picture.resize((size[1], size[0]), Image.BOX)
     return np.asarray(picture)
+
+
+def fetch_task_images(fetcher: Any, task: Mapping[str, Any], job: PredictionJob, min_side: int | None = None,
+                      timer: Callable[[str, float], None] | None = None) -> dict[str, FetchedImage]:
+    """Download and decode every image `job` predicts for `task`: Image name -> FetchedImage.
+
+    The pipeline's own fetch step, public so that other executors (the Ray fetch tasks) fetch
+    exactly as it does. `fetcher` has ImageFetcher's `download` and `decode`; `min_side` is the
+    pipeline's `decode_min_side`; `timer(stage, seconds)` receives the fetch and decode times.
+    Raises TaskError (with a metric reason) for a missing URL or an image that cannot be had."""
+    images: dict[str, FetchedImage] = {}
+    plan = job.plan
+    data = task.get("data") if isinstance(task, Mapping) else None
+    if not isinstance(data, Mapping):
+        raise TaskError("task has no 'data' object", reason="no_image")
+    for spec in plan.images:
+        if spec.data_key is None:
+            url = spec.value
+        else:
+            url = data.get(spec.data_key)
+            if url is None and len(plan.images) == 1:
+                url = data.get(UNDEFINED_DATA_KEY)
+        if not isinstance(url, str) or not url.strip():
+            raise TaskError(f"task data has no '{spec.data_key}' image URL (needed by <Image name='{spec.name}' "
+                            f"value='{spec.value}'>)", reason="no_image")
+        try:
+            started = time.perf_counter()
+            raw = fetcher.download(url, task_id=task_id(task), project_key=job.project)
+            if timer is not None:
+                timer("fetch", time.perf_counter() - started)
+            started = time.perf_counter()
+            images[spec.name] = fetcher.decode(raw, min_side=min_side)
+            if timer is not None:
+                timer("preprocess", time.perf_counter() - started)
+        except ImageFetchError as exc:
+            raise TaskError(f"image '{spec.name}': {exc}", reason=exc.reason) from None
+    return images

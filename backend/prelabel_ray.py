@@ -181,23 +181,11 @@ class _PrefetchedImages:
         return self.images[url]  # type: ignore[return-value]   (decoded with the same arguments)
 
 
-class _FetchOnly:
-    """Enough of a PredictionPipeline for its fetch step (building one would load torch here).
-    `decode_min_side`: the actors' pipeline's, computed on the driver (`decode_min_side`)."""
-
-    def __init__(self, fetcher: Any, decode_min_side: int | None):
-        self.fetcher = fetcher
-        self.decode_min_side = decode_min_side
-
-    def _time(self, report: Any, stage: str, seconds: float) -> None:
-        pass
-
-
 def fetch_task_images(fetcher: Any, task: Mapping[str, Any], job: Any, min_side: int | None) -> None:
     """Run the plain pipeline's own fetch step (URL lookup, download, decode) for one task."""
-    from .pipeline import PredictionPipeline, PredictReport
+    from .pipeline import fetch_task_images as pipeline_fetch
 
-    PredictionPipeline._fetch_task(_FetchOnly(fetcher, min_side), task, job, PredictReport())
+    pipeline_fetch(fetcher, task, job, min_side)
 
 
 def planning_pipeline(settings: Settings):
