@@ -20,7 +20,9 @@ from e2e_support import (CONTROL_TYPES, RecordingProxy, check, encode_png, label
 CONFIG = labeling_config()
 PROMPT = "a bright round disc"
 # Tall enough for the regions panel, which only renders the rows in view, to list every region.
-VIEWPORT = {"width": 1280, "height": 1600}
+# The regions panel renders only the rows in view: tall enough for the ~25 rows of a task here
+# (one box and one polygon per object), or accepted regions would exist without a row to count.
+VIEWPORT = {"width": 1280, "height": 2600}
 UI_TIMEOUT_MS = 60_000
 SUGGESTIONS = re.compile(r"^\s*(\d+) suggestions?\s*$")
 
@@ -121,6 +123,16 @@ def regions(page) -> dict[str, list[str]]:
     return found
 
 
+def wait_for_rows(page, count: int, timeout: float = 15) -> dict[str, list[str]]:
+    """The regions panel once it lists `count` rows (it draws them over a moment), or as it is
+    when `timeout` runs out."""
+    def drawn():
+        shown = regions(page)
+        return shown if sum(map(len, shown.values())) == count else None
+
+    return wait_until(drawn, timeout=timeout) or regions(page)
+
+
 def suggestion_count(page) -> int:
     """The "N suggestions" counter of the bottom bar; 0 when it is not shown."""
     counter = page.get_by_text(SUGGESTIONS)
@@ -158,7 +170,8 @@ def test_pre_annotations_prompt_accept_submit_without_ghost_suggestions(
     shown = wait_until(lambda: (r := regions(page)) and set(CONTROL_TYPES) <= set(r) and r, timeout=30)
     assert set(CONTROL_TYPES) <= set(shown), f"regions panel: {shown}"
     (stored,) = ls.predictions(task)
-    assert sum(len(rows) for rows in shown.values()) == len(stored["result"])
+    shown = wait_for_rows(page, len(stored["result"]))
+    assert sum(len(rows) for rows in shown.values()) == len(stored["result"]), shown
     assert all(re.search(r"\d\.\d\d", row) for rows in shown.values() for row in rows), shown
     loads = [c for c in proxy.calls() if task in [t["id"] for t in c.body["tasks"]]]
     assert loads and all(c.body["params"]["context"] is None for c in loads)
@@ -174,8 +187,10 @@ def test_pre_annotations_prompt_accept_submit_without_ghost_suggestions(
     page.click(ACCEPT)
     wait_until(lambda: suggestion_count(page) == 0, timeout=10)
     assert suggestion_count(page) == 0
-    after_accept = regions(page)
-    assert sum(map(len, after_accept.values())) == len(stored["result"]) + len(suggested), after_accept
+    # The panel draws the accepted rows over a moment after the counter goes.
+    expected_rows = len(stored["result"]) + len(suggested)
+    after_accept = wait_for_rows(page, expected_rows)
+    assert sum(map(len, after_accept.values())) == expected_rows, after_accept
     steps.done("accepted")
 
     # Submit with Auto-Annotation still on: the UI asks the backend once more with an empty
