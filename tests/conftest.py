@@ -47,3 +47,14 @@ def loopback_only_guard():
     with loopback_only() as attempts:
         yield
     assert not attempts
+
+
+@pytest.fixture
+def fake_ls():
+    """An in-process fake Label Studio API (fake_label_studio.py) with a brush project config."""
+    from backend_fixtures import BRUSH_CONFIG
+    from fake_label_studio import FakeLabelStudio
+
+    server = FakeLabelStudio(label_config=BRUSH_CONFIG)
+    yield server
+    server.close()

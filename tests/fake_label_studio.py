@@ -15,8 +15,11 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 
+TOKEN = "legacy-token-0123456789"   # the legacy token FakeLabelStudio accepts unless told otherwise
+
+
 class FakeLabelStudio:
-    def __init__(self, token: str = "legacy-token-0123456789", label_config: str = ""):
+    def __init__(self, token: str = TOKEN, label_config: str = ""):
         self.token = token
         self.label_config = label_config
         self.tasks: dict[int, dict] = {}                 # id -> {"id", "data", "annotations"}

@@ -14,18 +14,9 @@ from backend.model import GemBackendModel
 from backend.server import create_app
 from backend.settings import Settings
 from backend_fixtures import BRUSH_CONFIG, FakePredictor, SlowPredictor, data_uri, fake_extract_regions, square_image
-from fake_label_studio import FakeLabelStudio
+from fake_label_studio import TOKEN
 
-TOKEN = "legacy-token-0123456789"
 VERSION = "gem-test-v1"
-
-
-
-@pytest.fixture
-def fake_ls():
-    server = FakeLabelStudio(token=TOKEN, label_config=BRUSH_CONFIG)
-    yield server
-    server.close()
 
 
 def _app(tmp_path, predictor=None, **settings):

@@ -8,17 +8,8 @@ from backend.claims import ClaimStore
 from backend.ls_client import LabelStudioClient, LabelStudioError
 from backend.pipeline import PredictionPipeline
 from backend.settings import Settings
-from backend_fixtures import BRUSH_CONFIG, FakePredictor, data_uri, fake_extract_regions, square_image
-from fake_label_studio import FakeLabelStudio
-
-TOKEN = "legacy-token-0123456789"
-
-
-@pytest.fixture
-def fake_ls():
-    server = FakeLabelStudio(token=TOKEN, label_config=BRUSH_CONFIG)
-    yield server
-    server.close()
+from backend_fixtures import FakePredictor, data_uri, fake_extract_regions, square_image
+from fake_label_studio import TOKEN
 
 
 class CountingPredictor(FakePredictor):
