@@ -186,12 +186,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from .learning import source_for
     from .prompts import project_key
-    from .settings import Settings, SettingsError
+    from .settings import command_settings
 
-    try:
-        settings = Settings.from_env()
-    except SettingsError as exc:
-        print(exc, file=sys.stderr)
+    settings = command_settings()
+    if settings is None:
         return 2
     source = source_for(settings)
     if source is None:

@@ -22,7 +22,6 @@ import logging
 import os
 import queue
 import sqlite3
-import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -671,13 +670,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from .prompts import project_key
-    from .settings import SettingsError
+    from .settings import command_settings
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        settings = Settings.from_env()
-    except SettingsError as exc:
-        print(exc, file=sys.stderr)
+    settings = command_settings()
+    if settings is None:
         return 2
     store = LearningStore(settings.model_dir)
     if args.command == "status":

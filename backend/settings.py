@@ -476,6 +476,16 @@ def _checkpoint_problem(path: str) -> str | None:
     return f"is not a PyTorch, safetensors or numpy checkpoint (it starts with {head[:8]!r})"
 
 
+def command_settings() -> Settings | None:
+    """Settings for a command-line tool (evaluate, learning); None after printing on stderr why the
+    environment holds invalid ones (the caller then exits with 2)."""
+    try:
+        return Settings.from_env()
+    except SettingsError as exc:
+        print(exc, file=sys.stderr)
+        return None
+
+
 def startup_error(exc: SettingsError) -> str:
     """One line for a failed start: 'gem-backend: cannot start: A; B'."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
