@@ -359,13 +359,13 @@ class LabelStudioSource:
         return self.client.get_task(int(task_id))
 
     def annotation(self, annotation_id: str) -> dict:
-        return self.client.request("GET", f"api/annotations/{int(annotation_id)}/")
+        return self.client.get_annotation(int(annotation_id))
 
     def annotations(self, task_id: str) -> list[dict]:
         return self.client.list_annotations(int(task_id))
 
     def prediction(self, prediction_id: str) -> dict:
-        return self.client.request("GET", f"api/predictions/{int(prediction_id)}/")
+        return self.client.get_prediction(int(prediction_id))
 
     def label_config(self, project: str) -> str:
         return (self.client.get_project(int(project)) or {}).get("label_config") or ""

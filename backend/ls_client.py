@@ -394,6 +394,12 @@ class LabelStudioClient:
 
     # -- annotations and predictions -------------------------------------------------------------
 
+    def get_annotation(self, annotation: int) -> dict:
+        return self.request("GET", f"api/annotations/{int(annotation)}/")
+
+    def get_prediction(self, prediction: int) -> dict:
+        return self.request("GET", f"api/predictions/{int(prediction)}/")
+
     def list_annotations(self, task: int) -> list[dict]:
         return self.request("GET", f"api/tasks/{int(task)}/annotations/") or []
 
