@@ -26,10 +26,12 @@ import base64
 import binascii
 import io
 import logging
+import posixpath
+import re
 import threading
 import time
 from dataclasses import dataclass
-from urllib.parse import unquote_to_bytes, urljoin
+from urllib.parse import unquote, unquote_to_bytes, urljoin, urlsplit
 
 import numpy as np
 import requests
@@ -39,7 +41,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .ls_client import (LabelStudioAccess, LabelStudioCredentials, jwt_claims, origin,  # noqa: F401
                         redact, request_access_token)
 from .settings import Settings
-from .urlguard import BlockedURLError, GuardedAdapter, UnresolvableHostError, UrlGuard
+from .urlguard import BlockedURLError, GuardedAdapter, UnresolvableHostError, UrlGuard, deadline_scope
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +49,31 @@ CLOUD_SCHEMES = ("s3", "gs", "azure-blob", "azure-spi")
 REDIRECT_CODES = (301, 302, 303, 307, 308)
 _CHUNK = 64 * 1024
 MAX_REMEMBERED_PROJECTS = 256
+
+
+# The Label Studio routes that serve task media (label_studio/data_import/urls.py and
+# io_storages/urls.py in 1.23): uploads, local files, and the storage proxies/presigners. Task
+# data is written by whoever can import tasks, so the backend's key goes to these paths only;
+# any other path on Label Studio (its API above all) is refused rather than fetched with the key.
+MEDIA_ROUTES = ("/data/upload/", "/data/local-files/", "/storage-data/uploaded/",
+                "/tasks/<id>/resolve/", "/tasks/<id>/presign/", "/projects/<id>/resolve/", "/projects/<id>/presign/")
+_MEDIA_PATH = re.compile(r"^/(?:data/upload/.|data/local-files/?(?:\?|$)|storage-data/uploaded/?(?:\?|$)"
+                         r"|(?:tasks|projects)/\d+/(?:resolve|presign)/?(?:\?|$))")
+
+
+def is_media_route(url: str, label_studio_url: str) -> bool:
+    """Whether `url` (on Label Studio's origin) is one of its media routes. Label Studio may be
+    served under a path prefix (LABEL_STUDIO_URL=http://host/ls): routes are matched below it."""
+    parts = urlsplit(url)
+    path = posixpath.normpath(unquote(parts.path)) if parts.path else "/"
+    prefix = urlsplit(label_studio_url).path.rstrip("/")
+    if prefix:
+        if not (path == prefix or path.startswith(prefix + "/")):
+            return False
+        path = path[len(prefix):] or "/"
+    if parts.path.endswith("/") and not path.endswith("/"):
+        path += "/"   # normpath drops the trailing slash the routes end with
+    return bool(_MEDIA_PATH.match(path + ("?" + parts.query if parts.query else "")))
 
 
 class ImageFetchError(Exception):
@@ -198,11 +225,18 @@ class ImageFetcher:
         """Download with the LS token on LS-origin hops only, within size, time and redirect limits."""
         deadline = time.monotonic() + self.timeout
         ls_origin = origin(access.url) if access.url else None
+        first = url
         refreshed = False
         hops = 0
         while True:
             self.check_url(url, access)
             on_ls = ls_origin is not None and origin(url) == ls_origin
+            if on_ls and access.token and not is_media_route(url, access.url):
+                came_from = f" (redirected from {redact(first)})" if url != first else ""
+                raise ImageFetchError(
+                    f"refusing to fetch {redact(url)}{came_from} with Label Studio's credentials: only its media "
+                    f"routes ({', '.join(MEDIA_ROUTES)}) get them, and this path is not one",
+                    reason="blocked")
             # identity: images are compressed already, and it leaves no gzip bomb to inflate.
             headers = {"Accept": "image/*,*/*;q=0.8", "Accept-Encoding": "identity"}
             auth = self._auth_header(access, deadline) if on_ls else None
@@ -248,7 +282,7 @@ class ImageFetcher:
         if remaining <= 0:
             raise ImageFetchError(f"timed out after {self.timeout:g} s fetching {redact(url)}", reason="timeout")
         try:
-            with self.guard.enforcing(self.trusted(access)):
+            with self.guard.enforcing(self.trusted(access)), deadline_scope(deadline):
                 return self.session.request(
                     method, url, timeout=(min(10.0, remaining), remaining), allow_redirects=False,
                     # A no-op auth stops requests from adding ~/.netrc credentials for arbitrary hosts.
@@ -260,9 +294,15 @@ class ImageFetcher:
         except requests.Timeout:
             raise ImageFetchError(f"timed out fetching {redact(url)}", reason="timeout") from None
         except requests.ConnectionError as exc:
+            if time.monotonic() >= deadline:   # the deadline's watchdog closed a server still sending headers
+                raise ImageFetchError(f"timed out after {self.timeout:g} s waiting for {redact(url)} to answer",
+                                      reason="timeout") from None
             raise ImageFetchError(f"cannot connect to {redact(url)}: {type(exc).__name__}",
                                   reason="connection") from None
         except requests.RequestException as exc:
+            if time.monotonic() >= deadline:
+                raise ImageFetchError(f"timed out after {self.timeout:g} s waiting for {redact(url)} to answer",
+                                      reason="timeout") from None
             raise ImageFetchError(f"request to {redact(url)} failed: {type(exc).__name__}",
                                   reason="connection") from None
 
@@ -366,9 +406,11 @@ def decode_image(data: bytes, max_pixels: int | None = None, min_side: int | Non
             if min_side and opened.format == "JPEG" and min(width, height) >= 2 * min_side:
                 opened.draft(None, (min_side, min_side))   # both sides stay >= min_side
             opened.load()
-            image = ImageOps.exif_transpose(opened)
-            if image.size != opened.size:                     # turned by a quarter turn
+            if _quarter_turned(opened):
+                # Read from the tag, not from a size change: a near-square photo decoded in draft
+                # mode can come out square, and then the turn would not show in its size.
                 width, height = height, width
+            image = ImageOps.exif_transpose(opened)
             image = _to_rgb(image)
             factor = min(image.width, image.height) // min_side if min_side else 1
             if factor >= 2:
@@ -380,6 +422,17 @@ def decode_image(data: bytes, max_pixels: int | None = None, min_side: int | Non
     if image.width < 1 or image.height < 1:
         raise ImageFetchError("image has no pixels", reason="decode")
     return FetchedImage(image=image, width=width, height=height)
+
+
+# EXIF orientations 5-8 include a quarter turn: the image Label Studio shows is height x width.
+_QUARTER_TURN_ORIENTATIONS = (5, 6, 7, 8)
+
+
+def _quarter_turned(image: Image.Image) -> bool:
+    try:
+        return image.getexif().get(0x0112) in _QUARTER_TURN_ORIENTATIONS   # 0x0112: Orientation
+    except Exception:   # noqa: BLE001 - a malformed EXIF block means no usable orientation
+        return False
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

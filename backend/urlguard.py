@@ -20,12 +20,19 @@ by resolving inside the connection itself: `GuardedAdapter`'s connections resolv
 check every address and connect only to those addresses, so the connection never uses an
 answer that was not checked. Behind an HTTP(S)_PROXY the proxy resolves names itself; the
 pre-flight check (`UrlGuard.check_url`) then is the only check, and rebinding is not prevented.
+
+The same connections also keep the caller's wall-clock deadline (`deadline_scope`) while the
+response headers arrive: a socket timeout bounds each receive, not their sum, so a server that
+drips one header line a second would otherwise hold a download for as long as it likes.
 """
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import ipaddress
 import socket
+import threading
+import time
 from typing import Callable, Iterable, Sequence
 from urllib.parse import urlsplit
 
@@ -144,6 +151,20 @@ _current_check: contextvars.ContextVar[Callable[[str, int, Sequence[tuple]], Non
     contextvars.ContextVar("gem_outbound_check", default=None)
 
 
+_current_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("gem_outbound_deadline", default=None)
+
+
+@contextlib.contextmanager
+def deadline_scope(deadline: float):
+    """Requests made on this thread inside it give up when `time.monotonic()` passes `deadline`,
+    the wait for the response headers included (the body reader enforces it itself, per read)."""
+    token = _current_deadline.set(deadline)
+    try:
+        yield
+    finally:
+        _current_deadline.reset(token)
+
+
 class UrlGuard:
     """Decides whether a URL, or a resolved address of its host, may be contacted."""
 
@@ -246,6 +267,28 @@ class _GuardedConnectionMixin:
                                             f"(connect timeout={self.timeout})") from exc
         except OSError as exc:
             raise NewConnectionError(self, f"Failed to establish a new connection: {exc}") from exc
+
+    def getresponse(self, *args, **kwargs):
+        """Status line and headers within the deadline: past it the socket is shut down, which
+        ends the blocked read at once (the caller sees a broken connection after its deadline)."""
+        deadline = _current_deadline.get()
+        sock = getattr(self, "sock", None)
+        if deadline is None or sock is None:
+            return super().getresponse(*args, **kwargs)
+        watchdog = threading.Timer(max(0.0, deadline - time.monotonic()), _shut_down, (sock,))
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            return super().getresponse(*args, **kwargs)
+        finally:
+            watchdog.cancel()
+
+
+def _shut_down(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass   # already closed
 
 
 def _connect(infos: Sequence[tuple], timeout, source_address, socket_options) -> socket.socket:

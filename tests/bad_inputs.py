@@ -94,6 +94,7 @@ class MisbehavingServer(ThreadedServer):
 
     /sleep/<s>     waits s seconds (at most 10) before answering
     /drip/<n>      sends a 200 image header, then one byte every 0.2 s, n bytes (at most 100)
+    /drip-headers/<n>  sends the status line, then one header line every 0.5 s, n lines (at most 40)
     /html          a 200 text/html login page
     other paths    404
     """
@@ -120,6 +121,16 @@ class MisbehavingServer(ThreadedServer):
                             self.wfile.write(b"\x89")
                             self.wfile.flush()
                             time.sleep(0.2)
+                    elif path.startswith("/drip-headers/"):
+                        self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+                        self.wfile.flush()
+                        for number in range(min(40, int(path.split("/")[2]))):
+                            time.sleep(0.5)
+                            self.wfile.write(f"X-Drip-{number}: {number}\r\n".encode())
+                            self.wfile.flush()
+                        body = _png(8, 8)
+                        self.wfile.write(f"Content-Type: image/png\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+                                         + body)
                     elif path == "/html":
                         self._send(200, "text/html; charset=utf-8",
                                    b"<!DOCTYPE html><html><body><form>Log in</form></body></html>")

@@ -209,18 +209,18 @@ def test_http_errors_limits_and_bad_urls(ls):
         fetch_image(fetcher, "/data/upload/1/missing.png")
     assert info.value.reason == "http_4xx"
 
-    ls.image("/big.png", b"\0" * 5000)
+    ls.image("/data/upload/1/big.png", b"\0" * 5000)
     with pytest.raises(ImageFetchError, match="GEM_FETCH_MAX_MB"):
-        fetch_image(fetcher, "/big.png")
+        fetch_image(fetcher, "/data/upload/1/big.png")
 
     for k in range(4):
-        ls.redirect(f"/loop{k}", f"/loop{k + 1}")
+        ls.redirect(f"/data/upload/1/loop{k}", f"/data/upload/1/loop{k + 1}")
     with pytest.raises(ImageFetchError, match="too many redirects"):
-        fetch_image(fetcher, "/loop0")
+        fetch_image(fetcher, "/data/upload/1/loop0")
 
-    ls.image("/text.png", b"this is not an image")
+    ls.image("/data/upload/1/text.png", b"this is not an image")
     with pytest.raises(ImageFetchError, match="not a readable image") as info:
-        fetch_image(fetcher, "/text.png")
+        fetch_image(fetcher, "/data/upload/1/text.png")
     assert info.value.reason == "decode"
 
     for url in ("ftp://x/y.png", "file:///etc/passwd", "", "C:\\a.png"):
@@ -251,6 +251,17 @@ def test_exif_orientation_is_applied():
     rows, cols = np.nonzero(bright)
     # After a clockwise turn, stored (x, y) goes to (H - 1 - y, x): box x 15..25, y 10..20.
     assert (cols.min(), cols.max() + 1, rows.min(), rows.max() + 1) == (15, 25, 10, 20)
+
+
+@pytest.mark.parametrize("orientation, turned", [(6, True), (8, True), (5, True), (3, False), (None, False)])
+def test_quarter_turn_of_a_near_square_photo_is_seen_in_draft_decoding(orientation, turned):
+    """1601x1602 decoded at 1/8 in draft mode is 201x201: square, so a size comparison cannot tell
+    a quarter turn; the EXIF tag can. Label Studio shows the turned photo as 1602x1601."""
+    data = square_image(1601, 1602, box=(100, 100, 500, 900), fmt="JPEG", exif_orientation=orientation)
+    small = decode_image(data, min_side=200)
+    assert small.image.width == small.image.height      # the case a size comparison misses
+    assert (small.width, small.height) == ((1602, 1601) if turned else (1601, 1602))
+    assert (small.width, small.height) == (decode_image(data).width, decode_image(data).height)
 
 
 def test_jwt_detection_and_origin():

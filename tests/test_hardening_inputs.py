@@ -277,6 +277,15 @@ def test_url_that_drips_bytes_times_out(tmp_path, web):
     assert time.monotonic() - started < 6      # the whole drip takes 20 s
 
 
+def test_url_that_drips_headers_times_out(tmp_path, web):
+    """A header line every 0.5 s keeps each read inside a 1 s socket timeout; the deadline still
+    covers the wait for the headers as a whole (20 lines would take 10 s)."""
+    client = make_client(tmp_path, GEM_ALLOWED_HOSTS="127.0.0.1", GEM_FETCH_TIMEOUT="1")
+    started = time.monotonic()
+    failed_entry(client, task(2, f"{web.url}/drip-headers/20"), "timed out")
+    assert time.monotonic() - started < 6
+
+
 def test_redirect_loop_fails_alone(tmp_path):
     server = LocalServer()
     try:

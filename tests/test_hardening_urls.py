@@ -256,6 +256,43 @@ def test_token_not_sent_across_redirects_to_other_hosts(monkeypatch, ls, other):
     ]
 
 
+@pytest.mark.parametrize("path", [
+    "/api/projects/1", "/api/tasks/1/annotations/", "/api/users/", "/data/upload/../../api/projects/1",
+    "/data/upload/%2e%2e/%2e%2e/api/projects/1", "/tasks/1/", "/user/account/",
+])
+def test_key_goes_only_to_label_studio_media_routes(ls, path):
+    """Task data is written by whoever imports tasks: a task naming an API route on Label Studio
+    must not make the backend call it with its key (and show the answer's status)."""
+    f = fetcher(LABEL_STUDIO_URL=ls.url, LABEL_STUDIO_API_KEY="legacy-SECRET")
+    for url in (path, ls.url + path):
+        refused(f, url, match="only its media routes")
+    assert ls.seen == []   # nothing was sent, with or without the key
+
+
+def test_media_routes_get_the_key_and_a_redirect_off_them_is_refused(ls):
+    ls.image("/data/upload/1/a.png", PNG)
+    ls.image("/data/local-files/?d=images/a.png", PNG)
+    ls.image("/tasks/7/resolve/?fileuri=czM6Ly9h", PNG)
+    ls.image("/projects/2/presign/?fileuri=czM6Ly9h", PNG)
+    ls.redirect("/data/upload/1/login.png", "/user/login/?next=/data/upload/1/login.png", 302)
+    f = fetcher(LABEL_STUDIO_URL=ls.url, LABEL_STUDIO_API_KEY="legacy-SECRET")
+    for url in ("/data/upload/1/a.png", "/data/local-files/?d=images/a.png", "/tasks/7/resolve/?fileuri=czM6Ly9h",
+                f"{ls.url}/projects/2/presign/?fileuri=czM6Ly9h"):
+        assert fetch_image(f, url).width == 40
+    assert ls.auth_headers() == ["Token legacy-SECRET"] * 4
+    error = refused(f, "/data/upload/1/login.png", match="redirected from")
+    assert "/user/login/" in str(error)
+    assert [s.path.split("?")[0] for s in ls.seen[4:]] == ["/data/upload/1/login.png"]   # the login page: never asked
+
+
+def test_label_studio_under_a_path_prefix_keeps_its_media_routes(ls):
+    ls.image("/ls/data/upload/1/a.png", PNG)
+    f = fetcher(LABEL_STUDIO_URL=ls.url + "/ls", LABEL_STUDIO_API_KEY="legacy-SECRET")
+    assert fetch_image(f, "/data/upload/1/a.png").width == 40
+    refused(f, ls.url + "/data/upload/1/a.png", match="only its media routes")   # outside the prefix
+    refused(f, "/api/projects/1", match="only its media routes")
+
+
 def test_pat_and_its_access_token_never_reach_other_hosts(ls, other):
     import json
     import time
