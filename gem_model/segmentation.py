@@ -70,11 +70,13 @@ def authors_resize(image: Image.Image, short_side: int, long_max: int = 2048) ->
     width, height = image.size
     scale = min(long_max / max(height, width), short_side / min(height, width))
     size = (int(height * scale + 0.5), int(width * scale + 0.5))
-    pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32)).permute(2, 0, 1)
+    pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float64)).permute(2, 0, 1)
     if size == (height, width):
-        return pixels
+        return pixels.float()
+    # float64, so that the rounding back to 8 bits is exact: a value landing on .5 in float32
+    # rounding would move a pixel by one level, which a logit scale of 50 makes visible
     out = F.interpolate(pixels[None], size=size, mode="bilinear", align_corners=False, antialias=False)
-    return out[0].round().clamp(0, 255)
+    return out[0].round().clamp(0, 255).float()
 
 
 def centre_padding(height: int, width: int, patch: int) -> tuple[int, int, int, int]:

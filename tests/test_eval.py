@@ -189,6 +189,23 @@ def test_cli_runs_the_model_end_to_end(tmp_path, tiny_model_files, capsys, mode)
     assert last.startswith("mIoU: ") and 0 <= float(last.split()[1]) <= 100
 
 
+@pytest.mark.parametrize("protocol", ["gem", "clearclip", "naclip"])
+def test_cli_runs_each_protocol_end_to_end(tmp_path, tiny_model_files, capsys, protocol):
+    name, config_path, checkpoint = tiny_model_files
+    write_voc(tmp_path, [LABEL_A, LABEL_B])
+    out_json = tmp_path / "r.json"
+    code = main(["--dataset", "voc", "--root", str(tmp_path), "--model", name, "--pretrained", str(checkpoint),
+                 "--model-config", str(config_path), "--device", "cpu", "--protocol", protocol,
+                 "--image-size", "36", "--crop", "24", "--stride", "16", "--templates", "single",
+                 "--limit", "1", "--no-progress", "--json", str(out_json)])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].startswith(f"protocol: {protocol} (method {protocol}")
+    saved = json.loads(out_json.read_text())["protocol"]
+    assert saved["name"] == protocol and saved["slide_crop"] == 24 and saved["image_size"] == 36
+    assert saved["bg_threshold"] == {"gem": 0.0, "clearclip": 0.5, "naclip": 0.1}[protocol]
+
+
 def test_segmenter_takes_the_best_name_of_each_class(tiny_model_files):
     from gem_model import create_gem_model
     name, config_path, checkpoint = tiny_model_files
