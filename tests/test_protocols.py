@@ -386,3 +386,14 @@ def test_exact_resize_refuses_a_model_that_windows_itself(tiny_model_files):
     model = make(tiny_model_files, slide_crop=16, slide_stride=8)
     with pytest.raises(InvalidInputError, match="exact"):
         Segmenter(model, CLASSES, TEMPLATES, background=0, protocol=protocol("clearclip", "voc"))
+
+
+def test_model_rejects_an_unknown_positional_embedding_resize(tiny_model_files):
+    with pytest.raises(InvalidInputError, match="pos_embed_resize"):
+        make(tiny_model_files, pos_embed_resize="nearest")
+    # the option reaches the encoder: a non-native grid changes, the native one does not
+    images = torch.randn(1, 3, 40, 56)
+    a, b = make(tiny_model_files), make(tiny_model_files, pos_embed_resize="authors")
+    assert (a.encode_image(images).gem - b.encode_image(images).gem).abs().max() > 1e-4
+    native = torch.randn(1, 3, 32, 32)
+    assert torch.equal(a.encode_image(native).gem, b.encode_image(native).gem)
