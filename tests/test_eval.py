@@ -256,3 +256,26 @@ def test_threshold_over_all_names_is_stricter_than_over_class_maxima():
     assert p_names[1].item() == pytest.approx(e2 / (2 * e2 + 1))          # 0.47
     assert over_classes.predict(None, (1, 1)).tolist() == [[1]]
     assert over_names.predict(None, (1, 1)).tolist() == [[0]]
+
+
+def test_voc20_and_cityscapes_readers(tmp_path, capsys):
+    write_voc(tmp_path / "voc", [LABEL_A])
+    sample = datasets.read_voc20(tmp_path / "voc", "val")[0].load()
+    expected = big(LABEL_A) - 1
+    expected[big(LABEL_A) == 0] = 255
+    expected[big(LABEL_A) == 255] = 255
+    assert np.array_equal(sample.label, expected)        # background and border ignored, 8 (cat) -> 7
+    assert main(["--dataset", "voc20", "--root", str(tmp_path / "voc"), "--oracle", "--no-progress"]) == 0
+    assert capsys.readouterr().out.strip().endswith("mIoU: 100.00")
+
+    root = tmp_path / "city"
+    for split_dir in ("leftImg8bit/val/aachen", "gtFine/val/aachen"):
+        (root / split_dir).mkdir(parents=True)
+    label = np.array([[0, 18], [255, 7]], dtype=np.uint8)
+    Image.fromarray(label, mode="L").save(root / "gtFine/val/aachen/aachen_000000_000019_gtFine_labelTrainIds.png")
+    Image.new("RGB", (2, 2)).save(root / "leftImg8bit/val/aachen/aachen_000000_000019_leftImg8bit.png")
+    refs = datasets.read_cityscapes(root, "val")
+    assert [r.name for r in refs] == ["aachen/aachen_000000_000019"]
+    assert refs[0].load().label.tolist() == [[0, 18], [255, 7]]
+    assert main(["--dataset", "cityscapes", "--root", str(root), "--oracle", "--no-progress"]) == 0
+    assert capsys.readouterr().out.strip().endswith("mIoU: 100.00")
