@@ -94,6 +94,12 @@ def compute_model_version(settings: Settings) -> str:
         "outputs": list(settings.outputs), "regions": region,
         "method": settings.method, "pamr": settings.pamr_iters,
         "slide": [settings.slide_crop, settings.slide_stride] if settings.slide_crop else 0,
+        # Added only where they differ from what earlier versions did, so that an unchanged
+        # configuration keeps its version (and Label Studio its predictions); PAMR's sigma changed
+        # on 2026-12-03 (issue 24), so any PAMR run gets a new version.
+        **({"pamr_sigma": "unbiased9", "pamr_dilations": list(settings.pamr_dilations)}
+           if settings.pamr_iters else {}),
+        **({"pos_embed": settings.pos_embed} if settings.pos_embed != "antialias" else {}),
     }, sort_keys=True, default=str)
     digest = hashlib.sha256(key.encode()).hexdigest()[:8]
     return f"gem-{settings.model_name}-{weights}-{settings.image_size}-{digest}"
@@ -236,7 +242,7 @@ def load_predictor(settings: Settings):
         ss_attn_iter=s.ss_attn_iter, ss_attn_temp=s.ss_attn_temp, precision=s.precision,
         model_config=s.model_config or None, cache_dir=s.weights_dir, mode=s.method,
         slide_crop=s.slide_crop, slide_stride=s.slide_stride if s.slide_crop else 0,
-        pamr_iters=s.pamr_iters)
+        pamr_iters=s.pamr_iters, pamr_dilations=s.pamr_dilations, pos_embed_resize=s.pos_embed)
     predictor = gem_model.HeatmapPredictor(model, image_size=s.image_size, resize_mode=s.resize_mode,
                                            cache_bytes=int(s.feature_cache_mb * 2**20))
     # One tiny pass moves first-request costs (CUDA context, kernels) into load time.
