@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
-from .claims import ClaimStore
+from .claims import ClaimStore, Heartbeat
 from .ls_client import LabelStudioClient, LabelStudioError, task_prediction_versions
 from .pipeline import PredictionJob, PredictionPipeline, compute_model_version
 from .settings import Settings, SettingsError
@@ -269,8 +269,12 @@ def run_prelabel(settings: Settings, project: int, *, only_unlabeled: bool = Fal
         version = job.model_version
         if claims is None:
             claims = ClaimStore(os.path.join(settings.model_dir, "claims.sqlite"))
+    holder = claims.holder(f"prelabel:{project}") if claims is not None else None   # this run's claims only
+    beat = Heartbeat(holder) if holder is not None else None   # leases renewed while the run goes
+    if beat is not None:
+        beat.start()
     uploader = PredictionUploader(client, project, chunk=upload_chunk,
-                                  on_finished=(lambda ids: claims.release(ids, version)) if claims else None)
+                                  on_finished=(lambda ids: holder.release(ids, version)) if holder else None)
     batch_tasks = batch_tasks or max(settings.batch_size * 4, 16)
 
     bar = _progress(total, progress)
@@ -289,7 +293,7 @@ def run_prelabel(settings: Settings, project: int, *, only_unlabeled: bool = Fal
                 summary.done += len(todo)
                 bar.update(len(batch))
                 continue
-            held = claims.claim([t["id"] for t in todo], version, project=str(project)) if claims else None
+            held = holder.claim([t["id"] for t in todo], version, project=str(project)) if holder else None
             if held is not None:
                 busy = [t for t in todo if str(t["id"]) not in held]
                 summary.skipped.update({t["id"]: "being predicted by another process" for t in busy})
@@ -300,12 +304,12 @@ def run_prelabel(settings: Settings, project: int, *, only_unlabeled: bool = Fal
                     summary.add_time(stage, seconds)
                 summary.failed.update(failures)
                 _count(summary, *uploader.add(payloads))
-                if claims is not None:
+                if holder is not None:
                     # Failed tasks are free again now; uploaded ones when their chunk is stored.
-                    claims.release([t["id"] for t in todo if t["id"] in failures], version)
+                    holder.release([t["id"] for t in todo if t["id"] in failures], version)
             except BaseException:
-                if claims is not None:
-                    claims.release([t["id"] for t in todo if t["id"] not in uploader.in_flight()], version)
+                if holder is not None:
+                    holder.release([t["id"] for t in todo if t["id"] not in uploader.in_flight()], version)
                 raise
             bar.update(len(batch))
             bar.set_postfix(done=summary.done, uploading=len(uploader.in_flight()), skipped=len(summary.skipped),
@@ -315,8 +319,10 @@ def run_prelabel(settings: Settings, project: int, *, only_unlabeled: bool = Fal
     finally:
         uploader.close()
         bar.close()
-        if claims is not None and not dry_run:
-            claims.release_all()
+        if beat is not None:
+            beat.stop()
+        if holder is not None and not dry_run:
+            holder.release_all()
     for stage, seconds in uploader.seconds.items():
         if seconds:
             summary.add_time(stage, seconds)

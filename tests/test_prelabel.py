@@ -137,8 +137,7 @@ def test_interrupted_run_then_rerun_stores_each_task_once(tmp_path, fake_ls):
 def test_tasks_another_process_holds_are_left_to_it(tmp_path, fake_ls):
     fake_ls.add_tasks(_images(4))
     settings = _settings(tmp_path, fake_ls)
-    other = ClaimStore(str(tmp_path / "claims.sqlite"))
-    other.owner = "elsewhere:1:x"   # a live owner (this pid) that is not the command
+    other = ClaimStore(str(tmp_path / "claims.sqlite")).holder("elsewhere")   # a live holder that is not the command
     other.claim([3], "gem-test-v1")
     summary = _run(settings, fake_ls)
     assert summary.done == 3 and summary.skipped == {3: "being predicted by another process"}
