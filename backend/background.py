@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
-from .claims import ClaimStore
+from .claims import ClaimHolder, ClaimStore
 from .ls_client import LabelStudioClient, LabelStudioError, task_prediction_versions
 from .pipeline import DEFERRED, PredictionJob, PredictionPipeline, PredictReport, TaskOutcome, task_id
 from .prompts import project_key
@@ -34,7 +34,7 @@ from .prompts import project_key
 logger = logging.getLogger("backend.background")
 
 # TaskOutcome.reason of tasks answered without `result` that are on their way, not failed.
-LATER_REASONS = frozenset({DEFERRED, "background", "stored"})
+LATER_REASONS = frozenset({DEFERRED, "background", "stored", "busy"})
 
 
 @dataclass
@@ -57,6 +57,7 @@ class BackgroundFinisher:
         self._pipeline = pipeline
         self.client = client
         self.claims = claims
+        self.holder = claims.holder("background")   # the queue's claims: handed over by requests
         self.max_queue = max_queue
         self.metrics = metrics
         self.unavailable = unavailable if client is None else ""
@@ -117,7 +118,7 @@ class BackgroundFinisher:
             logger.info("background: shutting down, %d queued tasks left for the next Retrieve Predictions",
                         len(dropped))
             for item in dropped:
-                self.claims.release([task_id(item.task)], item.job.model_version)
+                self.holder.release([task_id(item.task)], item.job.model_version)
             self._count("dropped", len(dropped))
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
@@ -145,7 +146,7 @@ class BackgroundFinisher:
         for tid, version in waiting:
             by_version.setdefault(version, []).append(tid)
         for version, ids in by_version.items():
-            self.claims.renew(ids, version)
+            self.holder.renew(ids, version)
         return batch
 
     def _run(self) -> None:
@@ -161,7 +162,7 @@ class BackgroundFinisher:
             finally:
                 version = batch[0].job.model_version
                 ids = [task_id(i.task) for i in batch]
-                self.claims.release(ids, version)
+                self.holder.release(ids, version)
                 with self._cond:
                     self._queued_ids.difference_update((str(t), version) for t in ids)
             logger.info("background: %d done, %d failed, %d skipped so far; %d waiting",
@@ -175,7 +176,7 @@ class BackgroundFinisher:
         finally:
             # Stored tasks keep a short marker so a /predict that Label Studio prepared before they
             # were stored does not compute them again; the rest are released by _run.
-            self.claims.mark_stored(stored, job.model_version)
+            self.holder.mark_stored(stored, job.model_version)
 
     def _predict_and_store(self, batch: list[_Item], job: PredictionJob, stored: list) -> None:
         predictions, report = self._pipeline().predict([i.task for i in batch], job)
@@ -253,41 +254,56 @@ class BudgetedBatch:
             outcomes[i].ok, outcomes[i].reason, outcomes[i].message = False, reason, message
 
         ids = [_claim_key(task_id(t)) for t in tasks]   # None: an odd id, predicted without a claim
-        others = self.claims.held_by_others([t for t in ids if t is not None], version)
+        holder = self.claims.holder("predict")           # this request's claims, nobody else's
+        try:
+            return self._predict(tasks, ids, job, holder, started, answers, outcomes, leave, project)
+        finally:
+            holder.release_all()    # whatever is neither answered, handed over nor released yet
+
+    def _predict(self, tasks, ids, job: PredictionJob, holder: ClaimHolder, started: float, answers: list,
+                 outcomes: list, leave: Callable, project: Any) -> tuple[list[dict], PredictReport]:
+        version = job.model_version
+        n = len(tasks)
+        others = holder.busy([t for t in ids if t is not None], version)
         for i, task in enumerate(tasks):
             if version in task_prediction_versions(task):
                 leave(i, "stored", "the task already holds a prediction of this model version")
             elif ids[i] is not None and (self.finisher.is_queued(ids[i], version) or ids[i] in others):
-                leave(i, "background", "being finished in the background (or just stored): its prediction "
-                                       "is stored through Label Studio's API")
+                leave(i, "background", "being predicted by another request or in the background, or just "
+                                       "answered: that one's prediction is the one Label Studio keeps")
         todo = [i for i in range(n) if answers[i] is None]
         claimable = [ids[i] for i in todo if ids[i] is not None]
-        held = self.claims.claim(claimable, version, project=project_key(project))
-        for i in todo[:]:
-            if ids[i] is not None and ids[i] not in held:
-                leave(i, "background", "being predicted by another worker")
-                todo.remove(i)
+        held = holder.claim(claimable, version, project=project_key(project))
+        lost = [i for i in todo if ids[i] is not None and ids[i] not in held]
+        for i in lost:
+            leave(i, "busy", "another request is predicting it right now (or just answered it): Label Studio "
+                             "keeps that request's prediction, so this answer carries no result")
+            todo.remove(i)
+        if lost:
+            logger.info("/predict: %d of %d tasks left without a result: another request is predicting them now",
+                        len(lost), n)
 
         deadline = started + self.budget_s if self.budget_s > 0 else None
-        try:
+        with holder.heartbeat():
             predictions, report = self.model.pipeline.predict([tasks[i] for i in todo], job, deadline=deadline)
-        except BaseException:
-            self.claims.release([ids[i] for i in todo if ids[i] is not None], version)
-            raise
         deferred = {todo[k] for k in report.deferred}
         for k, i in enumerate(todo):
             answers[i] = predictions[k]
             outcomes[i] = report.outcomes[k]
-        # Done (or failed) now: Label Studio stores the answer itself; the claims are no longer needed.
-        self.claims.release([ids[i] for i in todo if i not in deferred and ids[i] is not None], version)
+        # Answered with a result: Label Studio stores it as it reads this answer; until then (and a
+        # little after) another request must not compute the task again, so the claim becomes a
+        # short "just stored" marker. Failed tasks are free at once.
+        answered = [ids[i] for i in todo if i not in deferred and ids[i] is not None and "result" in answers[i]]
+        holder.mark_stored(answered, version)
+        holder.release([ids[i] for i in todo if i not in deferred and ids[i] is not None], version)
         if deferred:
-            self._hand_over(sorted(deferred), tasks, ids, job, project, answers, outcomes)
+            self._hand_over(sorted(deferred), tasks, ids, job, project, answers, outcomes, holder)
         report.outcomes = outcomes   # type: ignore[assignment]
         report.deferred = sorted(deferred)
         return answers, report   # type: ignore[return-value]
 
     def _hand_over(self, deferred: list[int], tasks, ids, job: PredictionJob, project: Any,
-                   answers: list, outcomes: list) -> None:
+                   answers: list, outcomes: list, holder: ClaimHolder) -> None:
         version = job.model_version
         project_id = label_studio_project_id(project)
         unclaimed = [i for i in deferred if ids[i] is None]   # odd ids: the finisher cannot store them
@@ -300,11 +316,12 @@ class BudgetedBatch:
             message = (f"not predicted: the time budget ({budget}) ran out and the rest cannot be finished in the "
                        f"background: {why}; select fewer tasks or run `python -m backend.prelabel`")
             logger.warning("%d of %d tasks left unpredicted: %s", len(deferred), len(tasks), message)
-            self.claims.release([ids[i] for i in deferred], version)
+            holder.release([ids[i] for i in deferred], version)
             self._note("unavailable", len(deferred))
             for i in deferred:
                 answers[i]["error"] = outcomes[i].message = message
             return
+        holder.transfer([ids[i] for i in deferred], version, self.finisher.holder)
         taken = self.finisher.submit([tasks[i] for i in deferred], job, project_id)
         full = [i for i, ok in zip(deferred, taken) if not ok]
         self._note("queued", len(deferred) - len(full))
@@ -314,7 +331,7 @@ class BudgetedBatch:
                     f"finishing in the background ({budget} ran out): the prediction is stored through "
                     "Label Studio's API in a while")
         if full:
-            self.claims.release([ids[i] for i in full], version)
+            self.finisher.holder.release([ids[i] for i in full], version)
             self._note("queue_full", len(full))
             message = (f"not predicted: the time budget ({budget}) ran out and the background queue is full "
                        f"(GEM_BACKGROUND_QUEUE={self.finisher.max_queue}); Retrieve Predictions again later")

@@ -78,7 +78,7 @@ def run_prelabel(settings: Settings, project: int, *, only_unlabeled: bool = Fal
         run_claims = (RunClaims(claims, version, project) if claims is not None
                       else RunClaims.in_model_dir(settings.model_dir, version, project))
     uploader = PredictionUploader(client, project, chunk=upload_chunk,
-                                  on_finished=run_claims.give_back if run_claims else None)
+                                  on_finished=run_claims.finished if run_claims else None)
     batch_tasks = batch_tasks or max(settings.batch_size * 4, 16)
 
     bar = progress_bar(total, progress)

@@ -717,7 +717,7 @@ def run_prelabel_on_ray(settings: Settings, project: int, options: RayOptions, *
             summary.skipped[row["task_id"]] = row["why"]
         else:
             summary.failed[row["task_id"]] = row["why"]
-        claims.give_back([row["task_id"]])
+        (claims.stored if row["status"] == "stored" else claims.give_back)([row["task_id"]])
         bar.update(1)
         bar.set_postfix(done=summary.done, skipped=len(summary.skipped), failed=len(summary.failed), refresh=False)
 

@@ -19,7 +19,6 @@ import itertools
 import logging
 import os
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
@@ -162,22 +161,23 @@ def split_done(tasks: Sequence[Mapping[str, Any]], model_version: str) -> tuple[
 
 
 class RunClaims:
-    """The claims of one run on MODEL_DIR's claims file: what this run may compute now.
+    """The claims of one run: a holder of MODEL_DIR's claims file (backend/claims.py), its own
+    token, renewed by a heartbeat while the run works. Says what this run may compute now.
 
     The server's requests, its background finisher and other runs claim the tasks they compute in
-    the same file; a task someone else holds is left to them. A claim is given back once its task
-    is stored, skipped or failed, and all at `close()`; while the run works, a heartbeat renews
-    the leases, so a long run's claims never lapse under it. Thread-safe.
+    the same file; a task another holder has is left to them. A stored task's claim becomes a
+    short "just stored" marker (so a /predict that Label Studio prepared before the store does not
+    answer it again); a skipped or failed task's claim is released; `close()` releases the rest.
+    Thread-safe.
     """
 
     def __init__(self, store: Any, model_version: str, project: Any):
-        self.store = store
+        from .claims import Heartbeat
+
         self.version = model_version
         self.project = str(project)
-        self._held: set[str] = set()
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._beat = threading.Thread(target=self._heartbeat, name="prelabel-claims", daemon=True)
+        self.holder = store.holder(f"prelabel:{project}")
+        self._beat = Heartbeat(self.holder)
         self._beat.start()
 
     @classmethod
@@ -189,36 +189,26 @@ class RunClaims:
     def take(self, task_ids: Iterable) -> set:
         """Claim these tasks; returns those this run now holds (in the ids' own type)."""
         ids = list(task_ids)
-        granted = self.store.claim(ids, self.version, project=self.project)
-        with self._lock:
-            self._held |= granted
+        granted = self.holder.claim(ids, self.version, project=self.project)
         return {t for t in ids if str(t) in granted}
 
+    def stored(self, task_ids: Iterable) -> None:
+        self.holder.mark_stored(list(task_ids), self.version)
+
     def give_back(self, task_ids: Iterable) -> None:
-        keys = [str(t) for t in task_ids]
-        with self._lock:
-            keys = [k for k in keys if k in self._held]
-            self._held.difference_update(keys)
-        self.store.release(keys, self.version)
+        self.holder.release(list(task_ids), self.version)
+
+    def finished(self, stored: Iterable, others: Iterable) -> None:
+        """`PredictionUploader`'s on_finished: stored tasks get markers, the others are free again."""
+        self.stored(stored)
+        self.give_back(others)
 
     def held(self) -> set[str]:
-        with self._lock:
-            return set(self._held)
+        return {task for task, version in self.holder.held() if version == self.version}
 
     def close(self) -> None:
-        self._stop.set()
-        self._beat.join(timeout=5.0)
-        with self._lock:
-            self._held.clear()
-        self.store.release_all()
-
-    def _heartbeat(self) -> None:
-        interval = max(1.0, float(getattr(self.store, "lease_s", 600.0)) / 4)
-        while not self._stop.wait(interval):
-            try:
-                self.store.renew(self.held(), self.version)
-            except Exception as exc:  # noqa: BLE001 - a missed beat is retried; the lease has room for three
-                logger.warning("renewing the run's claims failed: %s", exc)
+        self._beat.stop()
+        self.holder.release_all()
 
 
 # -- predicting ---------------------------------------------------------------------------------------------
@@ -268,12 +258,12 @@ class PredictionUploader:
     `add()`, `flush()` and `close()` return what finished since the last call: (stored task ids,
     skipped task ids, failures {task id: reason}); `flush()` and `close()` wait for everything, and
     `close()` stores what is still waiting before it lets the thread go (computed predictions are
-    never dropped). `on_finished(task ids)` is called from the upload thread once a chunk's tasks
-    are stored, skipped or failed.
+    never dropped). `on_finished(stored task ids, other task ids)` is called from the upload thread
+    once a chunk's tasks are stored, skipped or failed.
     """
 
     def __init__(self, client: LabelStudioClient, project: int, chunk: int = 100, check_existing: bool = True,
-                 on_finished: Callable[[list], None] | None = None, check_workers: int = 4):
+                 on_finished: Callable[[list, list], None] | None = None, check_workers: int = 4):
         self.client = client
         self.project = project
         self.chunk = chunk
@@ -367,7 +357,7 @@ class PredictionUploader:
             failed.update({p["task"]: f"upload: {type(exc).__name__}: {exc}" for p in part if p["task"] not in done})
         finally:
             if self.on_finished is not None:
-                self.on_finished([p["task"] for p in part])
+                self.on_finished(list(stored), [p["task"] for p in part if p["task"] not in set(stored)])
         return stored, skipped, failed
 
 
