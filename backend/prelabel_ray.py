@@ -1,7 +1,9 @@
 """`python -m backend.prelabel --ray [ADDRESS]`: the pre-labelling job as a Ray Data pipeline.
 
-    driver:  the job (label config, learned state, model version), how many tasks
-      -> list:    one page of the task list; mark tasks already predicted   CPU tasks, GEM_RAY_LIST_TASKS at once
+    driver:  the job (label config, learned state, model version), how many tasks, their id ranges;
+             the run's claims (MODEL_DIR), answering the listing tasks' claim requests
+      -> list:    one id range, paged by id; mark tasks already predicted,  CPU tasks, GEM_RAY_LIST_TASKS at once
+                  claim the rest through the driver, mark those held elsewhere
       -> fetch:   download + decode each task's images                      CPU tasks, GEM_FETCH_WORKERS threads each
       -> predict: GEM + regions -> Label Studio results                     actor pool, the model loaded once per actor
       -> upload:  check + store the predictions, in chunks                  CPU tasks, GEM_RAY_UPLOAD_TASKS at once
@@ -13,7 +15,8 @@ out, into the fetch tasks: the actor's pipeline gets a fetcher that hands back t
 decoded (decoding as it would), or raises the error they met. Tasks already predicted are
 marked by the plain command's `split_done` and only counted. The upload tasks use the plain command's
 `PredictionUploader`, which asks Label Studio right before writing, so a rerun, or another runner
-on the same project, never stores a task twice.
+on the same project, never stores a task twice. The stages come from backend/stages.py, as the
+plain command's do; this module never imports backend/prelabel.py.
 
 Ray is imported only here, and this module only by `--ray`: the server and the plain command never
 load it (tests/test_prelabel_ray.py checks both).

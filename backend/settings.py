@@ -320,8 +320,8 @@ class Settings:
                                  "(each stores a chunk of --upload-chunk predictions)", parse=_int(1, 256),
                                  group="Ray")
     ray_list_tasks: int = knob("GEM_RAY_LIST_TASKS", 2,
-                               "with --ray: listing tasks running at once, each reading one page of 100 tasks "
-                               "of the project from Label Studio", parse=_int(1, 256), group="Ray")
+                               "with --ray: listing tasks running at once, each reading one range of task ids "
+                               "(about 100 tasks) of the project from Label Studio", parse=_int(1, 256), group="Ray")
     ray_object_store_mb: float = knob("GEM_RAY_OBJECT_STORE_MB", 0.0,
                                       "with --ray and no address (a local Ray): object store size, which holds "
                                       "the decoded images between stages; 0 = Ray's default (30% of RAM)",
