@@ -357,7 +357,8 @@ class PredictionUploader:
             failed.update({p["task"]: f"upload: {type(exc).__name__}: {exc}" for p in part if p["task"] not in done})
         finally:
             if self.on_finished is not None:
-                self.on_finished(list(stored), [p["task"] for p in part if p["task"] not in set(stored)])
+                done = set(stored)
+                self.on_finished(list(stored), [p["task"] for p in part if p["task"] not in done])
         return stored, skipped, failed
 
 

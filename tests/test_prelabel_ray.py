@@ -308,3 +308,32 @@ def test_workers_without_ray_is_a_usage_error(capsys):
     assert main(["--project", "1", "--workers", "2"]) == 2
     assert "--workers needs --ray" in capsys.readouterr().err
     assert main(["--project", "1", "--ray", "--workers", "0"]) == 2
+
+
+def test_label_studio_lost_in_mid_run_is_a_failed_ray_run_with_a_summary(tiny_pipeline, fake_ls, monkeypatch,
+                                                                        tmp_path):
+    """A listing task that finds Label Studio gone fails the Ray job; the command reports a failed
+    run with what was done (exit 1), not a setup error, and gives its claims back."""
+    from backend import prelabel_ray
+    from backend.claims import ClaimStore
+    from backend_fixtures import MIXED_CONFIG
+    from fake_label_studio import TOKEN
+
+    settings, _ = tiny_pipeline
+    settings = settings.replace(label_studio_url=fake_ls.url, label_studio_api_key=TOKEN, model_dir=str(tmp_path))
+    fake_ls.label_config = MIXED_CONFIG
+    fake_ls.add_tasks([{"image": f"/data/{i}.png"} for i in range(3)])
+
+    def run_until_label_studio_goes(source, job, settings, upload, options, on_outcome=None, min_side=None,
+                                    claims=None):
+        assert isinstance(source, prelabel_ray.TaskRanges) and source.ranges == ((0, None),)
+        assert claims.take([1, 2]) == {1, 2}
+        on_outcome({"task_id": 1, "status": "stored", "why": ""})
+        raise RuntimeError("ray.exceptions.RayTaskError(LabelStudioError): GET /api/tasks/: HTTP 503")
+
+    monkeypatch.setattr(prelabel_ray, "run", run_until_label_studio_goes)
+    summary = prelabel_ray.run_prelabel_on_ray(settings, 1, prelabel_ray.RayOptions(), progress=False)
+    assert summary.exit_status == 1 and summary.done == 1 and summary.seen == 1
+    assert "HTTP 503" in summary.stopped and "stopped early" in "\n".join(summary.lines())
+    # Task 1 was stored: a short marker keeps the server off it; task 2 is free again.
+    assert ClaimStore(str(tmp_path / "claims.sqlite")).held_by_others([1, 2], summary.model_version) == {"1"}
