@@ -29,6 +29,7 @@ class FakeLabelStudio:
         self.files: dict[str, tuple[bytes, str]] = {}      # /data/upload/... path -> (bytes, content type)
         self.refresh_token: str | None = None               # a personal access token it accepts
         self.access_tokens: set[str] = set()                 # access tokens it handed out and still accepts
+        self.unavailable = False                             # True: every call answers 503 (a proxy, LS down)
         self.lock = threading.Lock()
         owner = self
 
@@ -99,6 +100,8 @@ class FakeLabelStudio:
         query = {k: v[0] for k, v in parse_qs(parts.query).items()}
         with self.lock:
             self.requests.append((method, parts.path))
+        if self.unavailable:
+            return self._reply(handler, 503, {"detail": "Service Unavailable"})
         if method == "POST" and parts.path == "/api/token/refresh/" and self.refresh_token:
             length = int(handler.headers.get("Content-Length") or 0)
             sent = json.loads(handler.rfile.read(length) or b"{}").get("refresh")
