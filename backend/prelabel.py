@@ -76,7 +76,7 @@ def run_prelabel(settings: Settings, project: int, *, only_unlabeled: bool = Fal
         job = pipeline.prepare(plan, project=project, learned=learned)
         version = job.model_version
         run_claims = (RunClaims(claims, version, project) if claims is not None
-                      else RunClaims.in_model_dir(settings.model_dir, version, project))
+                      else RunClaims.from_settings(settings, version, project))
     uploader = PredictionUploader(client, project, chunk=upload_chunk,
                                   on_finished=run_claims.finished if run_claims else None)
     batch_tasks = batch_tasks or max(settings.batch_size * 4, 16)

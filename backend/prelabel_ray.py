@@ -710,7 +710,7 @@ def run_prelabel_on_ray(settings: Settings, project: int, options: RayOptions, *
     bar = progress_bar(total, progress)
     # Claimed in MODEL_DIR, as the plain command does: the server on this machine leaves the
     # run's tasks alone, and the run leaves alone those the server is computing.
-    claims = RunClaims.in_model_dir(settings.model_dir, job.model_version, project)
+    claims = RunClaims.from_settings(settings, job.model_version, project)
 
     def on_outcome(row: dict[str, Any]) -> None:
         summary.seen += 1

@@ -181,10 +181,12 @@ class RunClaims:
         self._beat.start()
 
     @classmethod
-    def in_model_dir(cls, model_dir: str, model_version: str, project: Any) -> "RunClaims":
+    def from_settings(cls, settings: Any, model_version: str, project: Any) -> "RunClaims":
+        """In MODEL_DIR's claims file, with the server's lease (GEM_CLAIM_LEASE)."""
         from .claims import ClaimStore
 
-        return cls(ClaimStore(os.path.join(model_dir, "claims.sqlite")), model_version, project)
+        return cls(ClaimStore(os.path.join(settings.model_dir, "claims.sqlite"), lease_s=settings.claim_lease),
+                   model_version, project)
 
     def take(self, task_ids: Iterable) -> set:
         """Claim these tasks; returns those this run now holds (in the ids' own type)."""

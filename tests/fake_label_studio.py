@@ -31,7 +31,7 @@ class FakeLabelStudio:
         self.access_tokens: set[str] = set()                 # access tokens it handed out and still accepts
         self.after_list: list = []                           # hooks called (lock held) after each task page
         self.ignore_id_filter = False                         # behave like a Label Studio without the id filter
-        self.down = False                                     # every API call answers 503 (an outage)
+        self.unavailable = False                             # True: every call answers 503 (a proxy, LS down)
         self.lock = threading.RLock()   # re-entrant: after_list hooks run with it held
         owner = self
 
@@ -107,6 +107,8 @@ class FakeLabelStudio:
         query = {k: v[0] for k, v in parse_qs(parts.query).items()}
         with self.lock:
             self.requests.append((method, parts.path))
+        if self.unavailable:
+            return self._reply(handler, 503, {"detail": "Service Unavailable"})
         if method == "POST" and parts.path == "/api/token/refresh/" and self.refresh_token:
             length = int(handler.headers.get("Content-Length") or 0)
             sent = json.loads(handler.rfile.read(length) or b"{}").get("refresh")
@@ -120,8 +122,6 @@ class FakeLabelStudio:
             with self.lock:
                 self.access_tokens.add(access)
             return self._reply(handler, 200, {"access": access})
-        if self.down:
-            return self._reply(handler, 503, {"detail": "Service Unavailable"})
         auth = handler.headers.get("Authorization") or ""
         if auth != f"Token {self.token}" and not (auth.startswith("Bearer ") and auth[7:] in self.access_tokens):
             return self._reply(handler, 401, {"detail": "Authentication credentials were not provided."})

@@ -81,8 +81,7 @@ def test_polygon_and_rectangle_predictions(tmp_path):
     poly = labelled(predict(client, [task()], POLYGON_CONFIG).get_json()["results"][0]["result"])
     assert poly["type"] == "polygonlabels" and poly["value"]["closed"] is True
     assert poly["value"]["points"] == [[25.0, 16.6667], [50.0, 16.6667], [50.0, 50.0], [25.0, 50.0]]
-    # another task: one just answered keeps a short "answered" marker (backend/claims.py)
-    rect = labelled(predict(client, [task(2)], RECTANGLE_CONFIG).get_json()["results"][0]["result"])
+    rect = labelled(predict(client, [task()], RECTANGLE_CONFIG).get_json()["results"][0]["result"])
     assert rect["value"] == {"x": 25.0, "y": 16.6667, "width": 25.0, "height": 33.3333, "rotation": 0,
                              "rectanglelabels": ["Bright"]}
 
@@ -150,10 +149,10 @@ def test_textarea_prompt_interactive_then_remembered_for_batch(tmp_path):
         ["the left part"]
 
     # Batch for the same project: the config's labels plus the last remembered prompt.
-    predict(client, [task(2)], MIXED_CONFIG, project="5.999")
+    predict(client, [task()], MIXED_CONFIG, project="5.999")
     assert set(predictor.similarity_calls[-1]) == {"Bright", "Dark", "the left part"}
-    # Another project (another task: Label Studio's task ids are unique) remembers nothing.
-    predict(client, [task(3)], MIXED_CONFIG, project="6.1")
+    # Another project remembers nothing.
+    predict(client, [task()], MIXED_CONFIG, project="6.1")
     assert set(predictor.similarity_calls[-1]) == {"Bright", "Dark"}
 
     # The UI's empty call on Submit neither predicts nor forgets the remembered prompt.

@@ -111,9 +111,8 @@ def test_without_label_studio_access_the_answer_says_what_to_set(tmp_path, fake_
     assert left and all("LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY are not set" in r["error"] for r in left)
     assert "cannot be finished in the background" in caplog.text
     assert gem.finisher.queued() == 0
-    # the unpredicted ones are free for the next Retrieve Predictions; answered ones keep a short marker
-    answered = {str(t["id"]) for t, r in zip(tasks, results) if "result" in r}
-    assert ClaimStore(str(tmp_path / "claims.sqlite")).busy([t["id"] for t in tasks], VERSION) == answered
+    # nothing stays claimed: the next Retrieve Predictions may compute them
+    assert ClaimStore(str(tmp_path / "claims.sqlite")).busy([t["id"] for t in tasks], VERSION) == set()
 
 
 def test_a_full_queue_leaves_the_rest_for_later(tmp_path, fake_ls):
@@ -127,22 +126,26 @@ def test_a_full_queue_leaves_the_rest_for_later(tmp_path, fake_ls):
     gem.finisher.close()
 
 
-def test_shutdown_drops_the_queue_and_its_claims(tmp_path, fake_ls):
+def test_shutdown_keeps_the_queue_for_the_next_start(tmp_path, fake_ls):
     app, gem = _app(tmp_path, SlowPredictor(0.1), predict_budget=0.01, label_studio_url=fake_ls.url,
                     label_studio_api_key=TOKEN)
     tasks = _tasks(fake_ls, 20)
     results = _predict(app.test_client(), tasks)
     gem.finisher.close(timeout=10)
-    assert gem.finisher.queued() == 0 and gem.finisher.counts["dropped"] > 0
     assert not gem.finisher._thread.is_alive()
-    others = ClaimStore(str(tmp_path / "claims.sqlite"))
-    # nothing left claimed but the short "just stored" markers of tasks that are stored or answered
+    left = gem.finisher.outbox.size()
+    assert left > 0                                     # not dropped: kept in MODEL_DIR's outbox
+    # the closed finisher released its claims: only "just stored" markers remain
     stored_ids = {str(p["task"]) for p in fake_ls.predictions}
-    stored_ids |= {str(t["id"]) for t, r in zip(tasks, results) if "result" in r}
-    assert others.held_by_others([t["id"] for t in tasks], VERSION) <= stored_ids
-    stored = len(fake_ls.predictions)
-    assert stored + gem.finisher.counts["dropped"] + gem.finisher.counts["failed"] <= 20
+    assert ClaimStore(str(tmp_path / "claims.sqlite")).busy([t["id"] for t in tasks], VERSION) <= stored_ids
     assert gem.finisher.submit(tasks[:1], gem.model.prepare(label_config=BRUSH_CONFIG), 1) == [False]
+    # the next start (same MODEL_DIR) finishes them by itself, each task stored once
+    app2, gem2 = _app(tmp_path, SlowPredictor(0.01), predict_budget=0.01, label_studio_url=fake_ls.url,
+                      label_studio_api_key=TOKEN)
+    _wait(lambda: gem2.finisher.outbox.size() == 0)
+    for task, result in zip(tasks, results):
+        assert len(fake_ls.predictions_of(task["id"])) == (0 if "result" in result else 1), task["id"]
+    gem2.finisher.close()
 
 
 def test_interactive_calls_have_no_budget(tmp_path, fake_ls):
@@ -195,3 +198,38 @@ def test_a_task_just_stored_in_the_background_is_not_computed_again(tmp_path, fa
     again = _predict(client, stale)
     assert all("result" not in r for r in again)
     gem.finisher.close()
+
+
+def test_a_stalled_download_does_not_stall_the_background_queue(tmp_path, monkeypatch):
+    """Without a deadline (the finisher's case) a task's downloads are waited for a bounded time."""
+    import threading
+
+    import backend.pipeline as pipeline_module
+    from backend.pipeline import PredictionPipeline
+
+    monkeypatch.setattr(pipeline_module, "FETCH_DECODE_ALLOWANCE_S", 0.0)
+    settings = Settings(model_dir=str(tmp_path), model_version=VERSION, batch_size=2, fetch_timeout=0.3)
+    pipeline = PredictionPipeline(settings, FakePredictor(), region_extractor=fake_extract_regions)
+    release = threading.Event()
+    real_download = pipeline.fetcher.download
+
+    def download(url, **kwargs):
+        if url == "http://stalled.example/x.png":
+            release.wait(30)        # a server that never finishes (the fetcher's own limit broken)
+        return real_download(url, **kwargs)
+
+    monkeypatch.setattr(pipeline.fetcher, "download", download)
+    from backend.label_config import parse_label_config
+    job = pipeline.prepare(parse_label_config(BRUSH_CONFIG, settings.outputs))
+    tasks = [{"id": 1, "data": {"image": "http://stalled.example/x.png"}},
+             {"id": 2, "data": {"image": data_uri(square_image())}}]
+    try:
+        started = time.monotonic()
+        predictions, report = pipeline.predict(tasks, job)
+        took = time.monotonic() - started
+    finally:
+        release.set()
+    assert report.outcomes[0].reason == "timeout" and "GEM_FETCH_TIMEOUT=0.3" in report.outcomes[0].message
+    assert report.outcomes[1].ok and predictions[1]["result"]
+    assert took < 10        # not the 30 s the download hangs for
+    pipeline.close()

@@ -245,7 +245,7 @@ def test_label_studio_outage_mid_run_is_a_failed_run_with_a_summary(tmp_path, fa
 
     def split_then_outage(tasks, version):   # Label Studio goes down once the first page is in the model
         out = original(tasks, version)
-        fake_ls.down = True
+        fake_ls.unavailable = True
         return out
 
     monkeypatch.setattr(prelabel, "split_done", split_then_outage)
@@ -256,7 +256,7 @@ def test_label_studio_outage_mid_run_is_a_failed_run_with_a_summary(tmp_path, fa
     assert "HTTP 503" in out.out and "run again to continue" in out.out
     assert fake_ls.predictions == []          # the store failed too: those tasks are failed, not lost silently
     assert "failed 4" in out.out
-    fake_ls.down = False
+    fake_ls.unavailable = False
     monkeypatch.setattr(prelabel, "split_done", original)
     assert prelabel.main(["--project", "1", "--no-progress"]) == 0      # the rerun does the rest
     assert sorted(p["task"] for p in fake_ls.predictions) == list(range(1, 9))
@@ -266,7 +266,7 @@ def test_label_studio_unreachable_at_the_start_is_a_setup_error(tmp_path, fake_l
     monkeypatch.setenv("LABEL_STUDIO_URL", fake_ls.url)
     monkeypatch.setenv("LABEL_STUDIO_API_KEY", TOKEN)
     monkeypatch.setenv("MODEL_DIR", str(tmp_path))
-    fake_ls.down = True
+    fake_ls.unavailable = True
     assert prelabel.main(["--project", "1", "--no-progress"]) == 2
     assert "HTTP 503" in capsys.readouterr().err
 
