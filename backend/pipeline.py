@@ -371,14 +371,24 @@ class PredictionPipeline:
                 fetched.setdefault(i, {})
                 break
             top_up()
+            # A download never holds the batch (the background queue included) longer than its own
+            # limit allows: GEM_FETCH_TIMEOUT per image plus time to decode it. With a deadline, a
+            # slow download is not waited for past the deadline either.
+            wait_s = fetch_wait_s(self.settings.fetch_timeout, len(job.plan.images))
+            if deadline is not None:
+                wait_s = min(wait_s, max(0.0, budget.remaining()))
             try:
-                # With a deadline, a slow download is not waited for past it.
-                fetched[i] = future.result(timeout=None if deadline is None else max(0.0, budget.remaining()))
+                fetched[i] = future.result(timeout=wait_s)
                 images_waiting += len(fetched[i])
             except concurrent.futures.TimeoutError:
-                stopped = True
-                fetched.setdefault(i, {})
-                break
+                if deadline is not None and budget.remaining() <= wait_s:
+                    stopped = True
+                    fetched.setdefault(i, {})
+                    break
+                future.cancel()
+                self._fail(job, report, predictions, i, "timeout",
+                           f"its images took more than {wait_s:g} s to download and decode "
+                           f"(GEM_FETCH_TIMEOUT={self.settings.fetch_timeout:g} s per image)")
             except TaskError as exc:
                 self._fail(job, report, predictions, i, exc.reason, str(exc))
             except Exception as exc:  # a bug while fetching one task must not fail the others
@@ -623,6 +633,14 @@ def _guide(image: FetchedImage, size: tuple[int, int]) -> np.ndarray:
     if picture.size != (size[1], size[0]):
         picture = picture.resize((size[1], size[0]), Image.BOX)
     return np.asarray(picture)
+
+
+FETCH_DECODE_ALLOWANCE_S = 10.0     # per image, on top of GEM_FETCH_TIMEOUT: decoding a large photo
+
+
+def fetch_wait_s(fetch_timeout: float, images: int) -> float:
+    """The longest a task's downloads are waited for: its images one after the other, each bounded."""
+    return max(1, images) * (fetch_timeout + FETCH_DECODE_ALLOWANCE_S)
 
 
 def fetch_task_images(fetcher: Any, task: Mapping[str, Any], job: PredictionJob, min_side: int | None = None,

@@ -257,6 +257,16 @@ class Settings:
                                  "most tasks waiting to be finished in the background per worker process; "
                                  "more are left for the next Retrieve Predictions; 0 = no background finishing",
                                  unit="tasks", parse=_int(0, 10_000_000), group="Prediction")
+    ls_retry_max: float = knob("GEM_LS_RETRY_MAX", 30.0,
+                               "longest wait between two tries to reach Label Studio while it is unreachable "
+                               "(the background finisher pauses and keeps its predictions in MODEL_DIR's "
+                               "outbox; waits double from 1 s up to this)",
+                               unit="s", parse=_float(minimum=0.1), group="Prediction")
+    claim_lease: float = knob("GEM_CLAIM_LEASE", 120.0,
+                              "how long a task claim lasts unless its holder renews it (a heartbeat renews "
+                              "every quarter of it while the work runs); claims of processes that died on "
+                              "this host are ignored at once",
+                              unit="s", parse=_float(minimum=1.0), group="Prediction")
 
     # Images
     fetch_timeout: float = knob("GEM_FETCH_TIMEOUT", 30.0, "time limit for downloading one image, all hops",
@@ -347,8 +357,8 @@ class Settings:
                                  "(each stores a chunk of --upload-chunk predictions)", parse=_int(1, 256),
                                  group="Ray")
     ray_list_tasks: int = knob("GEM_RAY_LIST_TASKS", 2,
-                               "with --ray: listing tasks running at once, each reading one page of 100 tasks "
-                               "of the project from Label Studio", parse=_int(1, 256), group="Ray")
+                               "with --ray: listing tasks running at once, each reading one range of task ids "
+                               "(about 100 tasks) of the project from Label Studio", parse=_int(1, 256), group="Ray")
     ray_object_store_mb: float = knob("GEM_RAY_OBJECT_STORE_MB", 0.0,
                                       "with --ray and no address (a local Ray): object store size, which holds "
                                       "the decoded images between stages; 0 = Ray's default (30% of RAM)",
