@@ -279,7 +279,9 @@ class GemBackendModel:
             "task": task.get("id", annotation.get("task")),
             "task_data": task.get("data"),
             "annotation": annotation.get("id"),
-            "annotations": data.get("annotations") if event.startswith("ANNOTATIONS_") else None,
+            # Bulk events: ids under "annotations" (deleted), a list under "annotation" (created).
+            "annotations": (data.get("annotations") or (data.get("annotation") if isinstance(data.get("annotation"), list)
+                                                        else None)) if event.startswith("ANNOTATIONS_") else None,
             "result": annotation.get("result"),
             "prediction": parent[0],
             "prediction_model_version": parent[1],

@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from .claims import ClaimStore
 from .ls_client import LabelStudioClient, LabelStudioError, task_prediction_versions
-from .pipeline import PredictionJob, PredictionPipeline, compute_model_version
+from .pipeline import PredictionJob, PredictionPipeline, compute_model_version, versioned
 from .settings import Settings, SettingsError
 
 logger = logging.getLogger("backend.prelabel")
@@ -261,6 +261,10 @@ def run_prelabel(settings: Settings, project: int, *, only_unlabeled: bool = Fal
     label_config = info.get("label_config") or ""
     from .label_config import parse_label_config
     plan = parse_label_config(label_config, settings.outputs)      # LabelConfigError: say so before loading
+    # What prepare will give (config labels and prompts included), also for a dry run.
+    version = summary.model_version = versioned(
+        pipeline.model_version if pipeline is not None else compute_model_version(settings), plan, settings,
+        learned=learned)
     job = None
     if not dry_run:
         if pipeline is None:

@@ -251,6 +251,19 @@ def test_deleted_annotations_are_found_by_id_and_unlearned(backend, project_imag
                                          "annotation": {"id": 1002}}).get_json()["status"] == "ignored"
 
 
+def test_bulk_created_annotations_are_learned_per_task(backend, project_images):
+    client, model, fake, settings, _ = backend
+    setup_version(client)
+    store, key = LearningStore(settings.model_dir), key_of(fake.server)
+    made = [fake.annotate(t, 4000 + t, project_images[t - 1].masks) for t in (2, 3)]
+    # As Label Studio sends ANNOTATIONS_CREATED: a list under the singular key, tasks alike.
+    reply = client.post("/webhook", json={"action": "ANNOTATIONS_CREATED", "project": {"id": 1},
+                                          "annotation": made, "task": [fake.tasks[2], fake.tasks[3]]})
+    assert reply.get_json()["status"] == "queued"
+    assert model.learning.learner.wait_idle(120) and model.learning.learner.failed == 0
+    assert sorted(t for _, t in store.keys(key)) == ["2", "3"]
+
+
 def test_doubling_policy_publishes_at_powers_of_two(backend, project_images):
     from gem_model.learning import publish_due
 
