@@ -201,6 +201,13 @@ class GemBackendModel:
         remembered = self.memory.get(key) if self.settings.remember_prompts and key else ()
         return versioned(self.model_version, self.schema(key), self.settings, remembered, learned)
 
+    def known_versions(self, limit: int = 50) -> list[str]:
+        """The versions this process answers for the projects it heard of in /setup (newest first),
+        then the base version: Label Studio's GET /versions names no project."""
+        with self._schemas_lock:
+            projects = list(reversed(self._schemas))[:limit]
+        return list(dict.fromkeys([*(self.version_for(p) for p in projects), self.model_version]))
+
     def predict(self, tasks: Sequence[Mapping[str, Any]], context: Any = None, **kwargs: Any) -> list[dict]:
         """One entry per task, in order: `{"model_version", "score", "result"}`.
 

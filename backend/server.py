@@ -290,7 +290,7 @@ def create_app(settings: Settings, model: GemBackendModel | None = None, load: b
 
     @app.route("/versions", methods=["GET", "POST"])  # POST: clients of label-studio-ml 1.x
     def versions() -> Response:
-        return jsonify({"versions": [model.model_version]})
+        return jsonify({"versions": model.known_versions()})
 
     @app.get("/metrics")
     def metrics_endpoint() -> Response:

@@ -519,4 +519,7 @@ def test_the_version_follows_the_label_config(tmp_path):
         png(__import__("PIL.Image").Image.new("RGB", (32, 32)))).decode()}}
     reply = client.post("/predict", json={"tasks": [task], "project": "4.1", "label_config": configs[1]}).get_json()
     assert reply["model_version"] == versions[1] and reply["results"][0]["model_version"] == versions[1]
+    # GET /versions (Label Studio names no project there) lists the project's version, then the base.
+    latest = setup_version(client, "4.1", configs[1])
+    assert client.get("/versions").get_json()["versions"] == [latest, model.model_version]
     model.close()
