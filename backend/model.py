@@ -20,14 +20,15 @@ from .images import ImageFetcher
 from .label_config import parse_label_config
 from .pipeline import (DEFERRED, UNDEFINED_DATA_KEY, PredictionJob, PredictionPipeline, PredictReport,  # noqa: F401
                        ProjectLearned, RequestLimitError, TaskError, TaskOutcome, check_prompt_limits,
-                       compute_model_version, load_predictor)
+                       compute_model_version, load_predictor, versioned)
 from .prompts import PromptMemory, project_key
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
 
-ANNOTATION_EVENTS = frozenset({"ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATION_DELETED",
-                               "ANNOTATIONS_CREATED", "ANNOTATIONS_DELETED"})
+# As Label Studio 1.23 sends them (webhooks/models.py): deletions only in bulk, as ids.
+ANNOTATION_EVENTS = frozenset({"ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED",
+                               "ANNOTATIONS_DELETED"})
 TRAINING_EVENTS = frozenset({"START_TRAINING"})
 
 
@@ -66,13 +67,13 @@ class GemBackendModel:
         self.feedback_path = self.feedback.path
         self.model_version = compute_model_version(settings)
         self.learning: ProjectLearning | None = None
-        if settings.learn:
+        if settings.learn or settings.use_learned:
             try:
                 self.learning = ProjectLearning(self)
             except Exception as exc:   # e.g. MODEL_DIR not writable: predict without learning
                 logger.error("learning from annotations is off: cannot open its state in %s: %s",
                              settings.model_dir, exc)
-        if learned_provider is None and self.learning is not None:
+        if learned_provider is None and self.learning is not None and settings.use_learned:
             learned_provider = self.learning.learned
         self.learned_provider = learned_provider
         self.pipeline: PredictionPipeline | None = None
@@ -189,15 +190,23 @@ class GemBackendModel:
                     self._schemas.popitem(last=False)
         self.fetcher.remember_setup(key, hostname, access_token)
         if self.learning is not None and key:
-            self.learning.remember_project(key, schema)
-        return self.version_for(key)
+            self.learning.remember_project(project, schema)
+        return self.version_for(project)
 
     def version_for(self, project: Any) -> str:
-        """Model version of this project's predictions: the base version, plus the learned state's."""
+        """Model version of this project's stored predictions, as `prepare` gives them: the base
+        version, the label config's labels and prompts, and the learned state's."""
         key = project_key(project)
-        learned = self.learned_provider(key) if self.learned_provider is not None and key else None
-        return f"{self.model_version}+{learned.version}" if learned is not None and learned.version else \
-            self.model_version
+        learned = self.learned_provider(project) if self.learned_provider is not None and key else None
+        remembered = self.memory.get(key) if self.settings.remember_prompts and key else ()
+        return versioned(self.model_version, self.schema(key), self.settings, remembered, learned)
+
+    def known_versions(self, limit: int = 50) -> list[str]:
+        """The versions this process answers for the projects it heard of in /setup (newest first),
+        then the base version: Label Studio's GET /versions names no project."""
+        with self._schemas_lock:
+            projects = list(reversed(self._schemas))[:limit]
+        return list(dict.fromkeys([*(self.version_for(p) for p in projects), self.model_version]))
 
     def predict(self, tasks: Sequence[Mapping[str, Any]], context: Any = None, **kwargs: Any) -> list[dict]:
         """One entry per task, in order: `{"model_version", "score", "result"}`.
@@ -224,7 +233,7 @@ class GemBackendModel:
         plan = parse_label_config(config or "", self.settings.outputs)   # LabelConfigError: caller's 4xx
         self.wait_until_ready(self.settings.load_wait)
         remembered = self.memory.get(key) if self.settings.remember_prompts else ()
-        learned = self.learned_provider(key) if self.learned_provider is not None and context is None else None
+        learned = self.learned_provider(project) if self.learned_provider is not None and context is None else None
         job = self.pipeline.prepare(plan, context, project=project, remembered=remembered,  # type: ignore[union-attr]
                                     learned=learned)
         typed = tuple(dict.fromkeys(p for prompts in job.prompts.free_text.values() for p in prompts))
@@ -277,7 +286,9 @@ class GemBackendModel:
             "task": task.get("id", annotation.get("task")),
             "task_data": task.get("data"),
             "annotation": annotation.get("id"),
-            "annotations": data.get("annotations") if event.startswith("ANNOTATIONS_") else None,
+            # Bulk events: ids under "annotations" (deleted), a list under "annotation" (created).
+            "annotations": (data.get("annotations") or (data.get("annotation") if isinstance(data.get("annotation"), list)
+                                                        else None)) if event.startswith("ANNOTATIONS_") else None,
             "result": annotation.get("result"),
             "prediction": parent[0],
             "prediction_model_version": parent[1],
@@ -287,15 +298,21 @@ class GemBackendModel:
 
 
 class ProjectLearning:
-    """The model's side of learning: what each project learned (for `prepare`), and the webhook
-    events that feed it, queued for `backend.learning.Learner`."""
+    """The model's side of learning: what each project learned (for `prepare`, with
+    GEM_USE_LEARNED), and the webhook events that feed it (with GEM_LEARN), queued for
+    `backend.learning.Learner`."""
 
     def __init__(self, model: "GemBackendModel"):
-        from .learning import LearnedStates, Learner, LearningStore, source_for
+        from .learning import DB_NAME, LearnedStates, Learner, LearningStore, instance_of, source_for
 
         settings = model.settings
         self.model = model
         self.store = LearningStore(settings.model_dir)
+        self.instance = instance_of(settings.label_studio_url)
+        if os.path.exists(os.path.join(settings.model_dir, "learning.sqlite3")):
+            logger.info("MODEL_DIR/learning.sqlite3 is the learned state of an older version (counter versions, "
+                        "keyed by project id alone) and is not read; %s starts empty: press Start Training in "
+                        "each project to relearn it", DB_NAME)
         self.states = LearnedStates(self.store, settings)
         self.learner = Learner(
             settings, self.store, predictor=lambda: model._predictor if model.ready else None,
@@ -305,34 +322,40 @@ class ProjectLearning:
             region_config=lambda: (model.pipeline.region_config if model.pipeline is not None
                                    else settings.region_config()))
 
-    def learned(self, key: str | None) -> ProjectLearned | None:
-        return self.states.project_learned(key)
+    def learned(self, project: Any) -> ProjectLearned | None:
+        return self.states.project_learned(project)
 
     def preload(self) -> None:
         """Load every project's learned state from MODEL_DIR now, so first predictions do not wait."""
+        if not self.model.settings.use_learned:
+            return
         try:
-            projects = self.store.projects()
-            loaded = [p["project"] for p in projects if self.states.get(p["project"]) is not None]
+            loaded = [(p["key"], p["version"]) for p in self.store.projects()
+                      if self.states.get(p["key"]) is not None]
         except Exception as exc:   # a broken state file must not stop the backend
             logger.warning("learned state in %s not loaded: %s", self.store.path, exc)
             return
         if loaded:
             logger.info("learned state loaded for %d project(s): %s", len(loaded),
-                        ", ".join(f"{p} (l{self.store.version(p)})" for p in loaded[:20]))
+                        ", ".join(f"{k} ({v})" for k, v in loaded[:20]))
 
-    def remember_project(self, key: str, schema: str | None) -> None:
+    def remember_project(self, project: Any, schema: str | None) -> None:
+        """A project /setup named ("<id>.<created>"): known from now on, for this Label Studio."""
+        project_id, _, created = str(project).strip().partition(".")
         try:
-            self.store.remember_project(key, schema)
+            self.store.remember_project(self.instance, project_id, created, schema)
         except Exception as exc:   # /setup must answer even when the state file is unwritable
-            logger.warning("could not record project %s in the learning store: %s", key, exc)
+            logger.warning("could not record project %s in the learning store: %s", project, exc)
 
-    def _verifiable(self, key: str | None) -> str | None:
+    def _verifiable(self, project_id: str | None) -> str | None:
         """Why events of this project cannot be learned, or None when they can."""
-        if not key:
-            return "no project id"
-        if not (self.store.known(key) or self.model.schema(key)):
-            return f"project {key} has not connected to this backend (/setup)"
         settings = self.model.settings
+        if not settings.learn:
+            return "this process does not learn (GEM_LEARN=false)"
+        if not project_id:
+            return "no project id"
+        if not (self.store.known(self.instance, project_id) or self.model.schema(project_id)):
+            return f"project {project_id} has not connected to this backend (/setup)"
         if not settings.label_studio_url or not settings.label_studio_api_key:
             return "no Label Studio URL and key of its own to verify annotations with (LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY)"
         return None
@@ -340,25 +363,36 @@ class ProjectLearning:
     def on_annotation_event(self, event: str, data: Mapping[str, Any]) -> tuple[str | None, str]:
         from .learning import Job
 
-        key = project_key(_project_id(data))
-        problem = self._verifiable(key)
+        project = project_key(_project_id(data))
+        problem = self._verifiable(project)
         if problem:
             logger.info("%s not learned: %s", event, problem)
             return None, ""
-        annotation = data.get("annotation") if isinstance(data.get("annotation"), Mapping) else {}
-        task = data.get("task") if isinstance(data.get("task"), Mapping) else {}
         jobs = []
-        if event.startswith("ANNOTATIONS_"):   # bulk: a list of annotations, each naming its task
-            for item in data.get("annotations") or ():
-                if isinstance(item, Mapping) and _plain_id(item.get("task")):
-                    jobs.append(Job("task", key, task=_plain_id(item.get("task")), annotation=None))
+        if event == "ANNOTATIONS_DELETED":
+            # Label Studio sends ids only ({"annotations": [{"id": N}, ...]}): the learner finds the
+            # tasks in what it learned; ids it never learned change nothing.
+            ids = tuple(dict.fromkeys(i for i in (_plain_id(item.get("id")) if isinstance(item, Mapping)
+                                                  else _plain_id(item) for item in _items(data, "annotations"))
+                                      if i))
+            if ids:
+                jobs.append(Job("deleted", project, annotations=ids))
+        elif event == "ANNOTATIONS_CREATED":
+            # Bulk: a LIST under "annotation" (and the tasks under "task"), each naming its task.
+            tasks = []
+            for item in (*_items(data, "annotation"), *_items(data, "annotations")):
+                if isinstance(item, Mapping):
+                    task = item.get("task")
+                    tasks.append(_plain_id(task.get("id") if isinstance(task, Mapping) else task))
+            for task_id in dict.fromkeys(t for t in tasks if t):
+                jobs.append(Job("task", project, task=task_id))
         else:
+            annotation = data.get("annotation") if isinstance(data.get("annotation"), Mapping) else {}
+            task = data.get("task") if isinstance(data.get("task"), Mapping) else {}
             task_id = _plain_id(task.get("id")) or _plain_id(annotation.get("task"))
             annotation_id = _plain_id(annotation.get("id"))
             if task_id or annotation_id:
-                # DELETED: relearn the task from what is left; the named annotation is gone.
-                jobs.append(Job("task", key, task=task_id,
-                                annotation=None if event == "ANNOTATION_DELETED" else annotation_id))
+                jobs.append(Job("task", project, task=task_id, annotation=annotation_id))
         if not jobs:
             return None, ""
         accepted = [self.learner.submit(job) for job in jobs[:self.model.settings.learn_queue]]
@@ -369,15 +403,20 @@ class ProjectLearning:
     def on_start_training(self, data: Mapping[str, Any]) -> tuple[str | None, str]:
         from .learning import Job
 
-        key = project_key(_project_id(data))
-        problem = self._verifiable(key)
+        project = project_key(_project_id(data))
+        problem = self._verifiable(project)
         if problem:
             logger.info("START_TRAINING not run: %s", problem)
             return None, ""
-        if not self.learner.submit(Job("rebuild", key)):
+        if not self.learner.submit(Job("rebuild", project, requested=time.time())):
             return "dropped", "learning queue full; try again later"
-        return "queued", (f"relearning project {key} from all its annotations in the background; "
-                          "progress is in the backend log")
+        return "queued", (f"relearning project {project} from all its annotations in the background (requests "
+                          "made before it starts are merged into it); progress is in the backend log")
+
+
+def _items(data: Mapping[str, Any], name: str) -> list:
+    value = data.get(name)
+    return value if isinstance(value, list) else []
 
 
 def _plain_id(value: Any) -> str | None:

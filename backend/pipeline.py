@@ -105,6 +105,39 @@ def compute_model_version(settings: Settings) -> str:
     return f"gem-{settings.model_name}-{weights}-{settings.image_size}-{digest}"
 
 
+def prompts_digest(prompt_plan: PromptPlan) -> str:
+    """Short digest of what a stored prediction answers: each control's name, kind, image and its
+    labels with their prompts. Adding a label or editing `prompts=` changes it; so must the model
+    version, or Label Studio would skip every task already predicted."""
+    key = json.dumps([[c.control.name, c.control.kind, c.control.to_name,
+                       [[lp.label, list(lp.prompts)] for lp in c.labels]] for c in prompt_plan.controls])
+    return hashlib.sha256(key.encode()).hexdigest()[:8]
+
+
+def versioned(base: str, label_config: str | PredictionPlan | None, settings: Settings,
+              remembered: Sequence[str] = (), learned: "ProjectLearned | None" = None) -> str:
+    """The model version of a project's stored predictions, as `PredictionPipeline.prepare` gives
+    it, without the model (what /setup answers): `<base>+c<prompts digest>[+<learned version>]`.
+    A config GEM cannot serve gives the base version (with the learned part); so does a version
+    pinned by hand (MODEL_VERSION): whoever pins it decides when it changes."""
+    from .label_config import LabelConfigError
+
+    version = base
+    if label_config and not settings.model_version:   # MODEL_VERSION pins it by hand
+        try:
+            plan = label_config if isinstance(label_config, PredictionPlan) else \
+                parse_label_config(label_config, settings.outputs)
+            prompt_plan = plan_prompts(plan, None, tuple(remembered))
+            if learned is not None:
+                prompt_plan = _add_learned_prompts(prompt_plan, learned.prompts)
+            version = f"{version}+c{prompts_digest(prompt_plan)}"
+        except LabelConfigError:
+            pass
+    if learned is not None and learned.version:
+        version = f"{version}+{learned.version}"
+    return version
+
+
 # -- results ----------------------------------------------------------------------------------
 
 
@@ -305,15 +338,19 @@ class PredictionPipeline:
         plan = label_config if isinstance(label_config, PredictionPlan) else \
             parse_label_config(label_config or "", self.settings.outputs)
         prompt_plan = plan_prompts(plan, context, tuple(remembered))
-        version = self.model_version
         region_config = None
         if learned is not None:
             prompt_plan = _add_learned_prompts(prompt_plan, learned.prompts)
             region_config = learned.region_config
             if learned.maps is not None and region_config is None:
                 region_config = learned.maps.region_config(self.region_config)
-            if learned.version:
-                version = f"{version}+{learned.version}"
+        # Stored predictions carry the config's labels and prompts and the learned state in their
+        # version (`versioned` gives /setup the same string); interactive answers are not stored.
+        version = self.model_version
+        if context is None and not self.settings.model_version:   # MODEL_VERSION pins it by hand
+            version = f"{version}+c{prompts_digest(prompt_plan)}"
+        if learned is not None and learned.version:
+            version = f"{version}+{learned.version}"
         job = PredictionJob(plan=plan, prompts=prompt_plan, project=project_key(project),
                             stored=context is None, region_config=region_config, model_version=version,
                             learned_maps=learned.maps if learned is not None else None)

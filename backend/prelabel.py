@@ -25,7 +25,7 @@ import time
 from typing import Any, Iterable, Sequence
 
 from .ls_client import LabelStudioClient, LabelStudioError
-from .pipeline import PredictionPipeline, compute_model_version
+from .pipeline import PredictionPipeline, compute_model_version, versioned
 from .settings import Settings, SettingsError
 # The stages live in backend/stages.py (shared with the Ray runner); they are named here too, so that
 # `from backend.prelabel import select_tasks, ...` keeps working.
@@ -67,6 +67,10 @@ def run_prelabel(settings: Settings, project: int, *, only_unlabeled: bool = Fal
     label_config = info.get("label_config") or ""
     from .label_config import parse_label_config
     plan = parse_label_config(label_config, settings.outputs)      # LabelConfigError: say so before loading
+    # What prepare will give (config labels and prompts included), also for a dry run.
+    version = summary.model_version = versioned(
+        pipeline.model_version if pipeline is not None else compute_model_version(settings), plan, settings,
+        learned=learned)
     job = None
     run_claims = None
     if not dry_run:

@@ -36,9 +36,10 @@ logger = logging.getLogger(__name__)
 request_log = logging.getLogger("backend.requests")
 
 # Open even when basic auth is on: liveness probes call /health without credentials, and Label
-# Studio sends annotation webhooks without the backend's basic auth (START_TRAINING has it).
-# Neither exposes data or runs the model; /webhook only appends to the feedback log, and takes
-# GEM_WEBHOOK_SECRET when that is set.
+# Studio sends annotation webhooks without the backend's basic auth. An annotation webhook is only
+# a hint (the learner reads the annotation back from Label Studio with the backend's own key);
+# START_TRAINING, which runs a rebuild, arrives WITH basic auth and requires it (or the secret).
+# With GEM_WEBHOOK_SECRET set, every /webhook call needs the secret or basic auth.
 OPEN_ENDPOINTS = frozenset({"health", "index", "webhook"})
 WEBHOOK_SECRET_HEADER = "X-Webhook-Secret"
 WEBHOOK_SECRET_PARAM = "secret"
@@ -143,6 +144,12 @@ def create_app(settings: Settings, model: GemBackendModel | None = None, load: b
         if request.endpoint == "webhook" and settings.webhook_secret and not _webhook_authorized(settings):
             return _error_response(401, f"webhook secret required: add ?{WEBHOOK_SECRET_PARAM}=<GEM_WEBHOOK_SECRET> "
                                         f"to the webhook URL or send the {WEBHOOK_SECRET_HEADER} header")
+        if request.endpoint == "webhook" and settings.basic_auth_enabled and _action() in TRAINING_EVENTS \
+                and not _webhook_authorized(settings):
+            response = _error_response(401, "START_TRAINING relearns the whole project: it needs the backend's basic "
+                                            "auth (Label Studio sends it) or the webhook secret")
+            response.headers["WWW-Authenticate"] = 'Basic realm="gem-backend", charset="UTF-8"'
+            return response
         return None
 
     @app.after_request
@@ -287,7 +294,7 @@ def create_app(settings: Settings, model: GemBackendModel | None = None, load: b
 
     @app.route("/versions", methods=["GET", "POST"])  # POST: clients of label-studio-ml 1.x
     def versions() -> Response:
-        return jsonify({"versions": [model.model_version]})
+        return jsonify({"versions": model.known_versions()})
 
     @app.get("/metrics")
     def metrics_endpoint() -> Response:
@@ -348,9 +355,17 @@ def _authorized(settings: Settings) -> bool:
     return user_ok & pass_ok
 
 
+def _action() -> Any:
+    try:
+        body = request.get_json(force=True, silent=True)
+    except RecursionError:   # answered by the endpoint's own parsing
+        return None
+    return body.get("action") if isinstance(body, dict) else None
+
+
 def _webhook_authorized(settings: Settings) -> bool:
     given = request.headers.get(WEBHOOK_SECRET_HEADER) or request.args.get(WEBHOOK_SECRET_PARAM) or ""
-    if _same(given, settings.webhook_secret):
+    if settings.webhook_secret and _same(given, settings.webhook_secret):
         return True
     # START_TRAINING arrives with the backend's basic auth: that is enough as well.
     return settings.basic_auth_enabled and _authorized(settings)

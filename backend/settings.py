@@ -327,9 +327,20 @@ class Settings:
     # Learning from annotations
     learn: bool = knob("GEM_LEARN", True,
                        "learn per project from the annotations Label Studio reports to /webhook (calibrated "
-                       "thresholds, visual prototypes); needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY (or /setup's), "
-                       "since every annotation is fetched back from Label Studio before it is used",
+                       "thresholds, visual prototypes); needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY, "
+                       "since every annotation is fetched back from Label Studio before it is used; false = "
+                       "this process learns nothing (see GEM_USE_LEARNED)",
                        parse=_bool, group="Learning")
+    use_learned: bool = knob("GEM_USE_LEARNED", True,
+                             "predict with the learned state in MODEL_DIR (what this process or another learner "
+                             "wrote), whether or not this process learns itself (GEM_LEARN)",
+                             parse=_bool, group="Learning")
+    learn_publish: str = knob("GEM_LEARN_PUBLISH", "doubling",
+                              "when what was learned reaches the predictions (a new model version, so Label "
+                              "Studio recomputes the project's predictions): `doubling` = when a label's new "
+                              "examples reach its examples in use (at 1, 2, 4, 8, ... per label; deletions at "
+                              "once), `every` = after every annotation that changes something",
+                              parse=_choice(("doubling", "every")), group="Learning")
     learn_prototypes: bool = knob("GEM_LEARN_PROTOTYPES", True,
                                   "blend visual prototypes (mean GEM embeddings of annotated regions) into the "
                                   "label heatmaps; false = calibration only", parse=_bool, group="Learning")

@@ -235,8 +235,9 @@ def predict_tasks(pipeline: Any, job: Any, tasks: Sequence[Mapping[str, Any]]
 
 def learned_for(settings: Any, project: int):
     """The project's learned state (backend/learning.py) in MODEL_DIR, as the server would use it;
-    None when learning is off or nothing was learned. Never fails the run: a broken store is logged."""
-    if not settings.learn:
+    None when it is not used (GEM_USE_LEARNED) or nothing was learned. Never fails the run: a broken
+    store is logged."""
+    if not settings.use_learned:
         return None
     try:
         from .learning import DB_NAME, LearnedStates, LearningStore

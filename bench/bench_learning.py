@@ -1,6 +1,7 @@
 """Does learning from corrections help? Mean IoU on held-out images after 0, 1, 2, 4, 8 corrected images.
 
     python bench/bench_learning.py [--repeats 3] [--heldout 24] [--size 160] [--plot docs/img/learning.png]
+    python bench/bench_learning.py --churn 32 --repeats 2 --heldout 12    # publishing policies
 
 A synthetic project the code generates: photos of three kinds of shapes (the labels) in clutter,
 with their true masks. The model is the random-weight open_clip ViT of the tests, so its text
@@ -209,6 +210,80 @@ def run(predictor, config: RegionConfig, repeats: int, heldout: int, size: int, 
     return ious, pairs
 
 
+def churn(predictor, config: RegionConfig, annotations: int, heldout: int, size: int, seed: int = 0,
+          prior: float = 0.25, project_tasks: int = 10000, repeats: int = 1):
+    """The publishing policies (GEM_LEARN_PUBLISH) on one stream of annotations: how many new model
+    versions each makes (each marks every stored prediction of the project stale), and the held-out
+    IoU of the state predictions use after each annotation. `every` publishes after each one;
+    `doubling` when a label's new examples reach its published ones (gem_model.learning.publish_due)."""
+    from gem_model.learning import publish_due
+
+    out = {policy: {"versions": 0, "curve": np.zeros(annotations + 1)} for policy in ("every", "doubling")}
+    for repeat in range(repeats):
+        pool = make_project(annotations, seed=5000 + 1000 * repeat + seed, size=size)
+        test = make_project(heldout, seed=5001 + 1000 * repeat + seed, size=size)
+        test_encoded = [encode(predictor, t) for t in test]
+        pool_encoded = [encode(predictor, t) for t in pool]
+        for policy in out:
+            working = Learner(use_prototypes=True, config=config, prior=prior)
+            used = Learner(use_prototypes=True, config=config, prior=prior)    # the published state
+            counts: dict[str, int] = {}
+            pending: dict[str, int] = {}
+
+            def held_out_iou() -> float:
+                return float(np.mean([image_iou(predict(predictor, used, *enc), t.masks, (size, size))
+                                      for t, enc in zip(test, test_encoded)]))
+            iou = held_out_iou()
+            curve = [iou]
+            for i in range(annotations):
+                task, (encoded, features, text_maps) = pool[i], pool_encoded[i]
+                before = predict(predictor, used, encoded, features, text_maps)   # what the annotator corrects
+                grid = features.shape[:2]
+                coverage = {label: grid_coverage(mask, grid) for label, mask in task.masks.items()}
+                deleted = {label: [grid_coverage(m, grid) for m in ms]
+                           for label, ms in deleted_regions(before, task.masks).items()}
+                working.examples.append(task_examples(f"{repeat}-{i}", features, coverage, deleted))
+                full = np.stack([coverage.get(label, np.zeros(grid, np.float32)) for label in LABELS])
+                working.samples.append(CalibrationSample(f"{repeat}-{i}", features, text_maps, full))
+                for label in task.masks or {"": None}:
+                    pending[label] = pending.get(label, 0) + 1
+                if policy == "every" or publish_due(counts, pending):
+                    for label, n in pending.items():
+                        counts[label] = counts.get(label, 0) + n
+                    pending = {}
+                    used.examples, used.samples = list(working.examples), list(working.samples)
+                    used.calibration = calibrate(used.samples, LABELS, config, used.examples, use_prototypes=True,
+                                                 prior=prior, max_examples=used.max_examples)
+                    out[policy]["versions"] += 1
+                    iou = held_out_iou()
+                curve.append(iou)
+            out[policy]["curve"] += np.asarray(curve)
+    for policy in out:
+        out[policy]["versions"] /= repeats
+        out[policy]["curve"] /= repeats
+        out[policy]["stale"] = out[policy]["versions"] * project_tasks
+    return out
+
+
+def print_churn(out, annotations: int, project_tasks: int) -> None:
+    every = out["every"]["curve"]
+    print(f"| Policy (GEM_LEARN_PUBLISH) | New versions in {annotations} annotations | Stale marks, "
+          f"{project_tasks:,}-task project | Mean held-out IoU over the stream | IoU after the last | "
+          f"IoU below `every`, mean / worst step |")
+    print("|---|---|---|---|---|---|")
+    for policy, row in out.items():
+        gap = every - row["curve"]
+        print(f"| {policy} | {row['versions']:.1f} | {row['stale']:,.0f} | {row['curve'].mean():.3f} | "
+              f"{row['curve'][-1]:.3f} | {gap.mean():.3f} / {gap.max():.3f} |")
+    print()
+    steps = [0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64]
+    steps = [k for k in steps if k <= annotations]
+    print("| Annotations | " + " | ".join(str(k) for k in steps) + " |")
+    print("|---|" + "---|" * len(steps))
+    for policy, row in out.items():
+        print(f"| IoU, {policy} | " + " | ".join(f"{row['curve'][k]:.3f}" for k in steps) + " |")
+
+
 def cost(grid=(28, 50), dim=512, cases=((3, 8), (3, 32), (10, 8), (10, 32)), seed=0) -> None:
     """Time calibration and the learned heatmaps at ViT-B/16 sizes (a 448 x 800 input: 28 x 50 patches,
     512-d embeddings) on random features: what one annotation event and one prediction cost."""
@@ -286,6 +361,10 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--prior", type=float, default=0.25, help="text pseudo-count against the examples")
     parser.add_argument("--cost", action="store_true", help="only time calibration at ViT-B/16 sizes")
+    parser.add_argument("--churn", type=int, default=0, metavar="N",
+                        help="compare the publishing policies on a stream of N annotations instead")
+    parser.add_argument("--project-tasks", type=int, default=10000,
+                        help="--churn: tasks of the project each new version makes stale")
     args = parser.parse_args(argv)
     if args.cost:
         import torch
@@ -303,6 +382,15 @@ def main(argv=None) -> None:
     predictor = HeatmapPredictor(model, image_size=args.size, cache_bytes=0)
     config = RegionConfig()
     started = time.perf_counter()
+    if args.churn:
+        out = churn(predictor, config, args.churn, args.heldout, args.size, args.seed, args.prior,
+                    args.project_tasks, args.repeats)
+        print(f"Publishing policies: {args.churn} annotations one by one, {args.repeats} project(s) x "
+              f"{args.heldout} held-out images, {args.size} px, random-weight tiny ViT, "
+              f"{time.perf_counter() - started:.0f} s")
+        print()
+        print_churn(out, args.churn, args.project_tasks)
+        return
     ious, pairs = run(predictor, config, args.repeats, args.heldout, args.size, args.seed, args.prior)
     seconds = time.perf_counter() - started
 

@@ -24,6 +24,7 @@ from. Three pieces:
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Sequence
@@ -36,8 +37,8 @@ from .regions import RegionConfig, assign_semantic, threshold_independent
 
 __all__ = [
     "Calibration", "CalibrationSample", "LabelPrototypes", "LearnedMaps", "PrototypeBank", "TaskExamples",
-    "background_vectors", "build_bank", "calibrate", "grid_coverage", "label_heatmaps",
-    "learned_heatmaps", "mean_embedding", "segment_grid", "task_examples",
+    "background_vectors", "build_bank", "calibrate", "examples_digest", "grid_coverage", "label_heatmaps",
+    "learned_heatmaps", "mean_embedding", "publish_due", "segment_grid", "task_examples",
 ]
 
 MIN_COVERAGE = 0.5          # a patch belongs to a mask when at least half of it is covered
@@ -445,3 +446,45 @@ class LearnedMaps:
 
     def region_config(self, config: RegionConfig) -> RegionConfig:
         return self.calibration.region_config(config) if self.calibration is not None else config
+
+
+# ------------------------------------------------------------------------------ publishing
+
+def examples_digest(examples: TaskExamples) -> str:
+    """Hex digest of what one image teaches, stable across recomputation.
+
+    The vectors are rounded to float16 first: the same annotation encoded again gives the same
+    digest even if the last float32 bits move, so a no-op update is recognised as one.
+    """
+    digest = hashlib.sha256()
+
+    def add(name: str, array: Optional[np.ndarray]) -> None:
+        digest.update(name.encode() + b"\0")
+        if array is not None:
+            values = np.ascontiguousarray(np.asarray(array, dtype=np.float16))
+            digest.update(str(values.shape).encode() + values.tobytes())
+
+    for label in sorted(examples.positives):
+        add("p:" + label, examples.positives[label])
+    for label in sorted(examples.negatives):
+        add("n:" + label, examples.negatives[label])
+    add("bg", examples.background)
+    return digest.hexdigest()
+
+
+def publish_due(published: Mapping[str, int], pending: Mapping[str, int], removed: bool = False) -> bool:
+    """The doubling policy: is it time to put the learned state into predictions?
+
+    published  label -> examples of that label in the state predictions use now
+    pending    label -> examples of that label learned since (new or changed), not yet used
+    removed    an example the predictions use was deleted (always published: a deleted annotation
+               must stop shaping predictions)
+
+    Due when, for some label, the pending examples are at least as many as the published ones,
+    so a label's state changes at 1, 2, 4, 8, ... examples (and every `cap` examples once the
+    per-label cap is reached): O(log n) new model versions, each of which makes the project's
+    stored predictions stale, instead of one per annotation.
+    """
+    if removed:
+        return True
+    return any(count > 0 and count >= max(1, published.get(label, 0)) for label, count in pending.items())

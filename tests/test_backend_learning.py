@@ -16,7 +16,7 @@ from label_studio_sdk.converter.brush import mask2rle
 
 from backend.decode import item_mask, label_masks, result_regions
 from backend.feedback import FeedbackLog
-from backend.learning import LearningStore, main as learning_main
+from backend.learning import LearningStore, instance_of, main as learning_main, state_key
 from backend.model import GemBackendModel
 from backend.server import create_app
 from backend.settings import Settings
@@ -25,6 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.bench_learning import LABELS, make_project  # noqa: E402
 
 TOKEN = "0123456789abcdef0123"
+# Label Studio names a project "<id>.<created_at as epoch seconds>" in /setup and /predict.
+CREATED = {1: "2023-11-14T22:13:20.123456Z", 2: "1970-01-01T00:00:01Z"}
 CONFIG = ("<View><Image name='image' value='$image'/>"
           "<BrushLabels name='brush' toName='image'>" + "".join(f"<Label value='{v}'/>" for v in LABELS) +
           "</BrushLabels></View>")
@@ -52,7 +54,7 @@ class FakeLabelStudio:
 
     def __init__(self, server, project_tasks):
         self.server = server
-        self.tasks, self.annotations, self.images = {}, {}, {}
+        self.tasks, self.annotations, self.images, self.configs = {}, {}, {}, {}
         for project, items in project_tasks.items():
             for task_id, synthetic in items:
                 path = f"/data/upload/{project}/{task_id}.png"
@@ -82,7 +84,8 @@ class FakeLabelStudio:
         if m:
             kind, ident = m.group(1), int(m.group(2))
             item = {"tasks": self.tasks, "annotations": self.annotations,
-                    "projects": {p: {"id": p, "label_config": CONFIG} for p in (1, 2)},
+                    "projects": {p: {"id": p, "label_config": self.configs.get(p, CONFIG),
+                                     "created_at": CREATED[p]} for p in (1, 2)},
                     "predictions": {}}[kind].get(ident)
             if item is None:
                 return 404, {"Content-Type": "application/json"}, b'{"detail": "Not found."}'
@@ -141,43 +144,62 @@ def event(action, project, task_id, annotation_id, result=None):
             "annotation": {"id": annotation_id, "task": task_id, "result": result or []}}
 
 
+def key_of(ls, project=1):
+    return state_key(instance_of(ls.url), project, {1: "1700000000", 2: "1"}[project])
+
+
+def learn(client, model, fake, project_images, task_ids, annotation_base=1000, project=1):
+    for task_id in task_ids:
+        fake.annotate(task_id, annotation_base + task_id, project_images[task_id - 1].masks)
+        reply = client.post("/webhook", json=event("ANNOTATION_CREATED", project, task_id, annotation_base + task_id))
+        assert reply.get_json()["status"] == "queued"
+        assert model.learning.learner.wait_idle(120)
+    assert model.learning.learner.failed == 0
+
+
+def setup_version(client, project="1.1700000000", schema=CONFIG):
+    return client.post("/setup", json={"project": project, "schema": schema}).get_json()["model_version"]
+
+
 def test_annotations_reach_the_state_and_change_the_next_predictions(backend, project_images, monkeypatch, capsys):
     client, model, fake, settings, env = backend
-    assert client.post("/setup", json={"project": "1.1700000000", "schema": CONFIG}).get_json()["model_version"] \
-        == model.model_version
+    base = setup_version(client)
+    assert base.startswith(model.model_version + "+c") and "+l" not in base
     heldout = [7, 8]
     before = predict(client, heldout, fake)
-    assert before["model_version"] == model.model_version
+    assert before["model_version"] == base
     iou_before = np.mean([iou_of(p, project_images[i - 1].masks) for p, i in zip(before["results"], heldout)])
 
-    for task_id in range(1, 7):
-        fake.annotate(task_id, 1000 + task_id, project_images[task_id - 1].masks)
-        reply = client.post("/webhook", json=event("ANNOTATION_CREATED", 1, task_id, 1000 + task_id))
-        assert reply.get_json()["status"] == "queued"
+    learn(client, model, fake, project_images, range(1, 7))
+    store, key = LearningStore(settings.model_dir), key_of(fake.server)
+    assert len(store.keys(key)) == 6
+    # Start Training publishes what was learned whatever the policy; nothing is recomputed.
+    assert client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 1}}).get_json()["status"] \
+        == "queued"
     assert model.learning.learner.wait_idle(120)
-    assert model.learning.learner.failed == 0
-    store = LearningStore(settings.model_dir)
-    assert store.version(1 and "1") == 6 and len(store.keys("1")) == 6
+    learned = store.version(key)
+    assert learned.startswith("l") and len(store.published_digests(key)) == 6
 
     after = predict(client, heldout, fake)
-    assert after["model_version"] == f"{model.model_version}+l6"
+    assert after["model_version"] == f"{base}+{learned}"
     assert all(p["model_version"] == after["model_version"] for p in after["results"])
     iou_after = np.mean([iou_of(p, project_images[i - 1].masks) for p, i in zip(after["results"], heldout)])
     assert iou_after > iou_before + 0.1, (iou_before, iou_after)
-    assert client.post("/setup", json={"project": "1.1700000001", "schema": CONFIG}).get_json()["model_version"] \
-        == after["model_version"]
+    assert setup_version(client, "1.1700000000") == after["model_version"]
 
     # Another worker (a second model on the same MODEL_DIR) sees the state at its next request.
     other = GemBackendModel(settings, predictor=model._predictor)
-    assert other.version_for("1") == after["model_version"]
+    other.setup(project="1.1700000000", schema=CONFIG)
+    assert other.version_for("1.1700000000") == after["model_version"]
 
-    # Reset by the documented command: the project predicts as before, under a new version.
+    # Reset by the documented command: the project predicts as before, under the version of before.
     monkeypatch.setenv("MODEL_DIR", settings.model_dir)
+    monkeypatch.setenv("LABEL_STUDIO_URL", fake.server.url)
     assert learning_main(["reset", "--project", "1"]) == 0
-    assert "version suffix l7" in capsys.readouterr().out
-    assert store.keys("1") == [] and store.version("1") == 7
+    assert "learned state forgotten" in capsys.readouterr().out
+    assert store.keys(key) == [] and store.version(key) == ""
     reset = predict(client, heldout, fake)
-    assert reset["model_version"] == f"{model.model_version}+l7"
+    assert reset["model_version"] == base
 
     def regions(reply):
         return [[{k: v for k, v in item.items() if k != "id"} for item in p["result"]] for p in reply["results"]]
@@ -185,42 +207,97 @@ def test_annotations_reach_the_state_and_change_the_next_predictions(backend, pr
     other.close()
 
 
-def test_the_webhook_body_is_only_a_hint(backend, project_images):
+def test_no_op_and_forged_events_keep_the_version(backend, project_images):
     client, model, fake, settings, _ = backend
-    client.post("/setup", json={"project": "1.1700000000", "schema": CONFIG})
-    store = LearningStore(settings.model_dir)
-    # A forged result in the body is never read: the annotation does not exist in Label Studio,
-    # and the task has none, so nothing is learned.
-    forged = brush_result({"Disc": np.ones((96, 96), bool)})
-    assert client.post("/webhook", json=event("ANNOTATION_CREATED", 1, 1, 555, forged)).get_json()["status"] == "queued"
-    assert model.learning.learner.wait_idle(60)
-    assert store.keys("1") == []
-    # A real annotation claimed for another project is refused (task 1 is project 1's).
-    fake.annotate(1, 1001, project_images[0].masks)
-    client.post("/setup", json={"project": "2.1", "schema": CONFIG})
-    client.post("/webhook", json=event("ANNOTATION_CREATED", 2, 1, 1001))
-    assert model.learning.learner.wait_idle(60)
-    assert store.keys("2") == [] and model.learning.learner.failed == 1
-    # Unknown project (never sent /setup): recorded in the feedback log, not learned.
-    assert client.post("/webhook", json=event("ANNOTATION_CREATED", 9, 1, 1001)).get_json()["status"] == "recorded"
-    # The real annotation of the right project is learned; deleting it forgets the task.
-    client.post("/webhook", json=event("ANNOTATION_CREATED", 1, 1, 1001))
-    assert model.learning.learner.wait_idle(60)
-    assert [k for k, _ in store.keys("1")] == ["1"]
-    fake.tasks[1]["annotations"] = []
+    setup_version(client)
+    store, key = LearningStore(settings.model_dir), key_of(fake.server)
+    learn(client, model, fake, project_images, [1])
+    version = store.version(key)
+    assert version.startswith("l")
+    before = setup_version(client)
+    # An update that changes nothing, a forged event naming an annotation that does not exist,
+    # and a delete of annotations never learned: the version /setup reports does not move.
+    client.post("/webhook", json=event("ANNOTATION_UPDATED", 1, 1, 1001))
+    client.post("/webhook", json=event("ANNOTATION_CREATED", 1, 1, 555,
+                                       brush_result({"Disc": np.ones((96, 96), bool)})))
+    client.post("/webhook", json=event("ANNOTATION_CREATED", 1, 3, 556))          # task 3 has no annotation
+    client.post("/webhook", json={"action": "ANNOTATIONS_DELETED", "project": {"id": 1},
+                                  "annotations": [{"id": 777}, {"id": 778}]})
+    assert model.learning.learner.wait_idle(60) and model.learning.learner.failed == 0
+    assert store.version(key) == version and setup_version(client) == before
+    assert [k for k, _ in store.keys(key)] == ["1"]
+
+
+def test_deleted_annotations_are_found_by_id_and_unlearned(backend, project_images):
+    client, model, fake, settings, _ = backend
+    setup_version(client)
+    store, key = LearningStore(settings.model_dir), key_of(fake.server)
+    learn(client, model, fake, project_images, [1, 2])
+    version = store.version(key)
+    assert sorted(t for t, _, _ in store.published_digests(key).values()) == ["1", "2"]
+    # As Label Studio 1.23 sends it: plural, ids only, no task; the annotation is already gone.
+    fake.tasks[1]["annotations"], fake.tasks[1]["total_annotations"] = [], 0
     del fake.annotations[1001]
-    client.post("/webhook", json=event("ANNOTATION_DELETED", 1, 1, 1001))
-    assert model.learning.learner.wait_idle(60)
-    assert store.keys("1") == []
+    reply = client.post("/webhook", json={"action": "ANNOTATIONS_DELETED", "project": {"id": 1},
+                                          "annotations": [{"id": 1001}]})
+    assert reply.get_json()["status"] == "queued"
+    assert model.learning.learner.wait_idle(60) and model.learning.learner.failed == 0
+    # Forgotten at once (a deletion is published whatever the policy), under a new version.
+    assert [t for _, t in store.keys(key)] == ["2"]
+    assert sorted(t for t, _, _ in store.published_digests(key).values()) == ["2"]
+    assert store.version(key) not in ("", version)
+    # The singular form Label Studio never sends is not an annotation event.
+    assert client.post("/webhook", json={"action": "ANNOTATION_DELETED", "project": {"id": 1},
+                                         "annotation": {"id": 1002}}).get_json()["status"] == "ignored"
+
+
+def test_bulk_created_annotations_are_learned_per_task(backend, project_images):
+    client, model, fake, settings, _ = backend
+    setup_version(client)
+    store, key = LearningStore(settings.model_dir), key_of(fake.server)
+    made = [fake.annotate(t, 4000 + t, project_images[t - 1].masks) for t in (2, 3)]
+    # As Label Studio sends ANNOTATIONS_CREATED: a list under the singular key, tasks alike.
+    reply = client.post("/webhook", json={"action": "ANNOTATIONS_CREATED", "project": {"id": 1},
+                                          "annotation": made, "task": [fake.tasks[2], fake.tasks[3]]})
+    assert reply.get_json()["status"] == "queued"
+    assert model.learning.learner.wait_idle(120) and model.learning.learner.failed == 0
+    assert sorted(t for _, t in store.keys(key)) == ["2", "3"]
+
+
+def test_doubling_policy_publishes_at_powers_of_two(backend, project_images):
+    from gem_model.learning import publish_due
+
+    client, model, fake, settings, _ = backend
+    setup_version(client)
+    store, key = LearningStore(settings.model_dir), key_of(fake.server)
+    versions, published_labels = [], []
+    for task_id in range(1, 8):
+        learn(client, model, fake, project_images, [task_id])
+        versions.append(store.version(key))
+        published_labels.append(sorted(sum((labels for _, _, labels in store.published_digests(key).values()), [])))
+    # Replay the policy on the label counts the learner saw: it published exactly when due.
+    counts: dict = {}
+    expected, pending = [], {}
+    for task_id in range(1, 8):
+        for label in project_images[task_id - 1].masks:
+            pending[label] = pending.get(label, 0) + 1
+        if publish_due(counts, pending):
+            for label, n in pending.items():
+                counts[label] = counts.get(label, 0) + n
+            pending = {}
+        expected.append(sorted(label for label, n in counts.items() for _ in range(n)))
+    assert published_labels == expected
+    assert len(set(versions)) < len(versions)             # fewer versions than annotations
+    assert all(v.startswith("l") for v in versions)
 
 
 def test_start_training_rebuilds_from_all_annotations(backend, project_images, caplog):
     client, model, fake, settings, _ = backend
-    client.post("/setup", json={"project": "1.1700000000", "schema": CONFIG})
-    store = LearningStore(settings.model_dir)
-    fake.annotate(6, 2006, project_images[5].masks)
-    client.post("/webhook", json=event("ANNOTATION_CREATED", 1, 6, 2006))
-    assert model.learning.learner.wait_idle(60) and store.version("1") == 1
+    setup_version(client)
+    store, key = LearningStore(settings.model_dir), key_of(fake.server)
+    learn(client, model, fake, project_images, [6], annotation_base=2000)
+    first = store.version(key)
+    assert first.startswith("l")
     fake.tasks[6]["annotations"], fake.tasks[6]["total_annotations"] = [], 0   # deleted, no webhook came
     for task_id in (2, 3, 4):
         fake.annotate(task_id, 2000 + task_id, project_images[task_id - 1].masks)
@@ -229,18 +306,123 @@ def test_start_training_rebuilds_from_all_annotations(backend, project_images, c
         reply = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 1}})
         assert reply.get_json()["status"] == "queued"
         assert model.learning.learner.wait_idle(120)
-    assert sorted(k for k, _ in store.keys("1")) == ["2", "3", "4"]
-    assert store.version("1") == 2          # one new version for the whole rebuild
-    assert "rebuild done: 4 annotated tasks, 3 images learned" in caplog.text
-    assert store.calibration("1")["samples"] == 3
+    assert sorted(k for k, _ in store.keys(key)) == ["2", "3", "4"]
+    assert store.version(key) not in ("", first)          # one new version for the whole rebuild
+    assert "rebuild done: 4 annotated tasks, 3 images learned anew" in caplog.text
+    assert store.calibration(key)["samples"] == 3
+    # A second rebuild of the same annotations recomputes nothing and keeps the version.
+    again = store.version(key)
+    client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 1}})
+    assert model.learning.learner.wait_idle(120) and store.version(key) == again
 
 
-def test_learning_store_is_shared_and_atomic(tmp_path):
+def test_repeated_start_training_merges_into_one_rebuild(backend, project_images):
+    client, model, fake, settings, _ = backend
+    setup_version(client)
+    fake.annotate(2, 3002, project_images[1].masks)
+    learner = model.learning.learner
+    with learner._work_lock:   # the learner is busy: requests pile up meanwhile
+        for _ in range(5):
+            assert client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 1}}) \
+                .get_json()["status"] == "queued"
+        assert learner.queue.qsize() <= 1
+    assert learner.wait_idle(120) and learner.failed == 0
+    assert learner.rebuilds == 1
+    # Asked again after it ran: a new rebuild.
+    client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 1}})
+    assert learner.wait_idle(120) and learner.rebuilds == 2
+
+
+def test_start_training_needs_basic_auth_or_the_secret(tmp_path):
+    from backend_fixtures import FakePredictor, fake_extract_regions
+
+    training = {"action": "START_TRAINING", "project": {"id": 1}}
+    annotation = event("ANNOTATION_CREATED", 1, 1, 1)
+    settings = Settings.from_env({"MODEL_DIR": str(tmp_path / "a"), "BASIC_AUTH_USER": "u", "BASIC_AUTH_PASS": "p"})
+    model = GemBackendModel(settings, predictor=FakePredictor(), region_extractor=fake_extract_regions)
+    client = create_app(settings, model, load=False).test_client()
+    assert client.post("/webhook", json=training).status_code == 401
+    assert client.post("/webhook", json=training, auth=("u", "wrong")).status_code == 401
+    assert client.post("/webhook", json=training, auth=("u", "p")).status_code == 200
+    assert client.post("/webhook", json=annotation).status_code == 200     # Label Studio sends these without
+    model.close()
+    settings = Settings.from_env({"MODEL_DIR": str(tmp_path / "b"), "GEM_WEBHOOK_SECRET": "s3cret-value"})
+    model = GemBackendModel(settings, predictor=FakePredictor(), region_extractor=fake_extract_regions)
+    client = create_app(settings, model, load=False).test_client()
+    assert client.post("/webhook", json=training).status_code == 401
+    assert client.post("/webhook?secret=s3cret-value", json=training).status_code == 200
+    model.close()
+
+
+def test_replicas_predict_with_the_state_and_it_is_keyed_by_instance(backend, project_images):
+    client, model, fake, settings, env = backend
+    setup_version(client)
+    learn(client, model, fake, project_images, [1])
+    learned_version = setup_version(client)
+    assert "+l" in learned_version
+
+    def replica(**extra):
+        other = GemBackendModel(Settings.from_env({**env, **extra}), predictor=model._predictor)
+        other.setup(project="1.1700000000", schema=CONFIG)
+        return other
+    # A replica that does not learn (GEM_LEARN=false) still predicts with the learned state ...
+    follower = replica(GEM_LEARN="false")
+    assert follower.version_for("1.1700000000") == learned_version
+    assert follower.webhook("ANNOTATION_CREATED", event("ANNOTATION_CREATED", 1, 2, 1002))["status"] == "recorded"
+    # ... unless told not to use it.
+    plain = replica(GEM_USE_LEARNED="false")
+    assert plain.learning is None or plain.learned_provider is None
+    assert "+l" not in plain.version_for("1.1700000000")
+    # Another Label Studio (or a project re-created under the same id) starts from nothing.
+    elsewhere = replica(LABEL_STUDIO_URL="http://127.0.0.1:1")
+    assert "+l" not in elsewhere.version_for("1.1700000000")
+    assert "+l" not in model.version_for("1.1700000999")
+    for other in (follower, plain, elsewhere):
+        other.close()
+
+
+def test_the_webhook_body_is_only_a_hint(backend, project_images):
+    client, model, fake, settings, _ = backend
+    client.post("/setup", json={"project": "1.1700000000", "schema": CONFIG})
+    store, key = LearningStore(settings.model_dir), key_of(fake.server)
+    # A forged result in the body is never read: the annotation does not exist in Label Studio,
+    # and the task has none, so nothing is learned.
+    forged = brush_result({"Disc": np.ones((96, 96), bool)})
+    assert client.post("/webhook", json=event("ANNOTATION_CREATED", 1, 1, 555, forged)).get_json()["status"] == "queued"
+    assert model.learning.learner.wait_idle(60)
+    assert store.keys(key) == []
+    # A real annotation claimed for another project is refused (task 1 is project 1's).
+    fake.annotate(1, 1001, project_images[0].masks)
+    client.post("/setup", json={"project": "2.1", "schema": CONFIG})
+    client.post("/webhook", json=event("ANNOTATION_CREATED", 2, 1, 1001))
+    assert model.learning.learner.wait_idle(60)
+    assert store.keys(key_of(fake.server, 2)) == [] and model.learning.learner.failed == 1
+    # Unknown project (never sent /setup): recorded in the feedback log, not learned.
+    assert client.post("/webhook", json=event("ANNOTATION_CREATED", 9, 1, 1001)).get_json()["status"] == "recorded"
+    # The real annotation of the right project is learned.
+    client.post("/webhook", json=event("ANNOTATION_CREATED", 1, 1, 1001))
+    assert model.learning.learner.wait_idle(60)
+    assert [k for k, _ in store.keys(key)] == ["1"]
+
+
+def test_learning_store_versions_are_content_digests(tmp_path):
+    from backend.learning import state_version
+
+    settings = Settings.from_env({"MODEL_DIR": str(tmp_path)})
     first, second = LearningStore(str(tmp_path)), LearningStore(str(tmp_path))
-    assert first.version("5") == 0
-    assert first.commit_state("5", {"offsets": {"a": 0.1}}) == 1
-    assert second.version("5") == 1 and second.calibration("5") == {"offsets": {"a": 0.1}}
-    assert second.reset("5") == 2 and first.calibration("5") is None
+    key = first.remember_project("http://ls", "5", "1700000000")
+    assert first.version(key) == "" and state_version({}, None, settings) == ""
+    version = state_version({"5": "abc"}, {"offsets": {"a": 0.1}}, settings)
+    assert version == state_version({"5": "abc"}, {"offsets": {"a": 0.10000001}}, settings)   # same content
+    assert version != state_version({"5": "abd"}, {"offsets": {"a": 0.1}}, settings)
+    assert version != state_version({"5": "abc"}, {"offsets": {"a": 0.2}}, settings)
+    assert first.publish(key, version, {"offsets": {"a": 0.1}})
+    assert not second.publish(key, version, {"offsets": {"a": 0.1}})     # already published: no change
+    assert second.version(key) == version and second.calibration(key) == {"offsets": {"a": 0.1}}
+    second.reset(key)
+    assert first.version(key) == "" and first.calibration(key) is None
+    # Keys: instance + id + creation time; by id alone, the newest state of that id on the instance.
+    assert first.resolve("http://ls", "5") == key and first.resolve("http://other", "5") != key
 
 
 def test_feedback_log_rotates(tmp_path):
@@ -309,6 +491,35 @@ def test_without_its_own_label_studio_key_the_backend_only_logs(tmp_path):
                                 "access_token": "setup-token"})
     assert client.post("/webhook", json=event("ANNOTATION_CREATED", 1, 1, 1)).get_json()["status"] == "recorded"
     assert client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 1}}).get_json()["status"] == "ok"
-    off = Settings.from_env({"MODEL_DIR": str(tmp_path / "off"), "GEM_LEARN": "false"})
+    off = Settings.from_env({"MODEL_DIR": str(tmp_path / "off"), "GEM_LEARN": "false", "GEM_USE_LEARNED": "false"})
     assert GemBackendModel(off, predictor=FakePredictor()).learning is None
+    model.close()
+
+
+def test_the_version_follows_the_label_config(tmp_path):
+    """Adding a label or editing prompts= gives a new version (Label Studio recomputes); the same
+    config gives the same one, and stored predictions carry what /setup answered."""
+    from backend_fixtures import FakePredictor, fake_extract_regions
+
+    settings = Settings.from_env({"MODEL_DIR": str(tmp_path)})
+    model = GemBackendModel(settings, predictor=FakePredictor(), region_extractor=fake_extract_regions)
+    client = create_app(settings, model, load=False).test_client()
+    two = "<View><Image name='image' value='$image'/><BrushLabels name='brush' toName='image'>{}</BrushLabels></View>"
+    configs = [two.format("<Label value='Disc'/><Label value='Square'/>"),
+               two.format("<Label value='Disc'/><Label value='Square'/><Label value='Triangle'/>"),
+               two.format("<Label value='Disc' prompts='round thing'/><Label value='Square'/>"),
+               two.format("<Label value='Disc' prompts='round thing, circle'/><Label value='Square'/>")]
+    versions = [setup_version(client, "4.1", config) for config in configs]
+    assert len(set(versions)) == len(configs) and all(v.startswith(model.model_version + "+c") for v in versions)
+    assert setup_version(client, "4.1", configs[0]) == versions[0]
+    # Whitespace and attribute order are not the labels or prompts: no new version.
+    assert setup_version(client, "4.1", configs[0].replace("<Label value='Disc'/>", "<Label  value='Disc' />")) \
+        == versions[0]
+    task = {"id": 1, "data": {"image": "data:image/png;base64," + __import__("base64").b64encode(
+        png(__import__("PIL.Image").Image.new("RGB", (32, 32)))).decode()}}
+    reply = client.post("/predict", json={"tasks": [task], "project": "4.1", "label_config": configs[1]}).get_json()
+    assert reply["model_version"] == versions[1] and reply["results"][0]["model_version"] == versions[1]
+    # GET /versions (Label Studio names no project there) lists the project's version, then the base.
+    latest = setup_version(client, "4.1", configs[1])
+    assert client.get("/versions").get_json()["versions"] == [latest, model.model_version]
     model.close()

@@ -173,3 +173,32 @@ def test_patch_embeddings_give_the_same_maps_as_similarity(predictor):
     assert np.allclose(predictor.upsample(grid, encoded), expected, atol=1e-5)
     with pytest.raises(InvalidInputError):
         predictor.similarity_to(encoded, np.ones((2, 3)))
+
+
+def test_publish_policy_doubles_per_label():
+    from gem_model.learning import publish_due
+
+    assert publish_due({}, {"A": 1})                         # the first example of a label
+    assert publish_due({"A": 1}, {"A": 1})                   # 2
+    assert not publish_due({"A": 2}, {"A": 1})               # 3 waits ...
+    assert publish_due({"A": 2}, {"A": 2})                   # ... for 4
+    assert not publish_due({"A": 4}, {"A": 3})
+    assert publish_due({"A": 4, "B": 1}, {"B": 1})           # each label doubles on its own
+    assert publish_due({"A": 4}, {"C": 1})                   # a new label at once
+    assert not publish_due({"A": 4}, {})                     # nothing pending: nothing to do
+    assert publish_due({"A": 4}, {}, removed=True)           # a deletion at once
+    # At the per-label cap (32) a label changes again once all its examples are new.
+    assert not publish_due({"A": 32}, {"A": 31}) and publish_due({"A": 32}, {"A": 32})
+
+
+def test_examples_digest_is_content_and_ignores_float_noise():
+    from gem_model.learning import TaskExamples, examples_digest
+
+    rng = np.random.default_rng(0)
+    vector = rng.standard_normal(8).astype(np.float32)
+    a = TaskExamples("1", positives={"A": vector}, background=np.ones((2, 8), np.float32))
+    b = TaskExamples("1", positives={"A": vector + 1e-7}, background=np.ones((2, 8), np.float32))
+    c = TaskExamples("1", positives={"B": vector}, background=np.ones((2, 8), np.float32))
+    d = TaskExamples("1", positives={"A": vector * 0.5}, background=np.ones((2, 8), np.float32))
+    assert examples_digest(a) == examples_digest(b)
+    assert len({examples_digest(a), examples_digest(c), examples_digest(d)}) == 3

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ast
+import re
 import time
 from pathlib import Path
 
@@ -83,7 +84,8 @@ def test_pipeline_predicts_every_task_in_order(tmp_path):
     pipeline = _pipeline(tmp_path)
     predictions, report = pipeline.predict(_tasks(5), pipeline.prepare(BRUSH_CONFIG))
     assert len(predictions) == 5
-    assert all(p["model_version"] == "test-v1" and p["result"] for p in predictions)
+    # the config's labels and prompts are part of a stored prediction's version
+    assert all(p["model_version"].startswith("test-v1+c") and p["result"] for p in predictions)
     assert [o.task_id for o in report.outcomes] == [1, 2, 3, 4, 5]
     assert report.deferred == []
 
@@ -118,9 +120,9 @@ def test_learned_prompts_and_version_come_in_as_data(tmp_path):
     pipeline = _pipeline(tmp_path)
     learned = ProjectLearned(prompts={"Bright": ("left half",)}, version="L7")
     job = pipeline.prepare(BRUSH_CONFIG, project="3", learned=learned)
-    assert "left half" in job.all_prompts and job.model_version == "test-v1+L7"
+    assert "left half" in job.all_prompts and re.fullmatch(r"test-v1\+c[0-9a-f]{8}\+L7", job.model_version)
     predictions, _ = pipeline.predict(_tasks(1), job)
-    assert predictions[0]["model_version"] == "test-v1+L7"
+    assert predictions[0]["model_version"] == job.model_version
     assert "left half" in pipeline.predictor.similarity_calls[0]
 
 

@@ -2,8 +2,9 @@
 import secrets
 
 import pytest
+import requests
 
-from e2e_support import check, encode_png, labeling_config, pattern_image
+from e2e_support import check, encode_png, labeling_config, metric_value, pattern_image
 
 CONFIG = labeling_config()
 USER = "e2e-ls"
@@ -49,3 +50,12 @@ def test_label_studio_connects_and_predicts_with_the_credentials(ls, auth_backen
     task = ls.tasks(auth_project)[0]
     predictions = ls.predictions(task["id"])
     assert len(predictions) == 1 and predictions[0]["result"], predictions
+
+    # Start Training reaches /webhook with the same credentials and is accepted; the same call
+    # without them is refused (it would relearn the whole project).
+    trainings = metric_value(auth_backend.metrics(), "gem_webhook_events_total", action="START_TRAINING")
+    check(ls.post(f"/api/ml/{reply['id']}/train", json={}), 200)
+    assert metric_value(auth_backend.metrics(), "gem_webhook_events_total", action="START_TRAINING") > trainings
+    anonymous = requests.post(f"{auth_backend.url}/webhook", json={"action": "START_TRAINING",
+                                                                   "project": {"id": auth_project}}, timeout=30)
+    assert anonymous.status_code == 401, anonymous.text
