@@ -91,3 +91,31 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_backend_build_inputs_change_with_what_the_image_copies_only(tmp_path, monkeypatch):
+    """The stage skips `docker build` when this hash matches the image's label: it must move with
+    every file the Dockerfile copies and with the base image, and ignore what .dockerignore drops."""
+    for name in ("requirements.txt", "docker/healthcheck.py", "docker/Dockerfile", ".dockerignore",
+                 "backend/server.py", "gem_model/model.py"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(name)
+    monkeypatch.setattr(docker_stage, "ROOT", tmp_path)
+    base = {"id": "sha256:aaa"}
+    monkeypatch.setattr(docker_stage, "image_id", lambda image: base["id"])
+    first = docker_stage.backend_inputs()
+
+    (tmp_path / "backend" / "__pycache__").mkdir()
+    (tmp_path / "backend" / "__pycache__" / "server.cpython-311.pyc").write_bytes(b"x")
+    (tmp_path / "gem_model" / "weights.pt").write_bytes(b"x")
+    (tmp_path / "README.md").write_text("not in the build context")
+    assert docker_stage.backend_inputs() == first
+
+    (tmp_path / "backend" / "server.py").write_text("changed")
+    second = docker_stage.backend_inputs()
+    assert second != first
+    (tmp_path / "gem_model" / "new.py").write_text("new file")
+    third = docker_stage.backend_inputs()
+    assert third != second
+    base["id"] = "sha256:bbb"
+    assert docker_stage.backend_inputs() != third
