@@ -105,13 +105,15 @@ if [ ${#SKIPPED[@]} -gt 0 ]; then
     echo
     echo "Skipped test groups (their tests skipped; under GEM_E2E_REQUIRED=1 they fail):"
     for entry in "${SKIPPED[@]}"; do echo "  - $entry"; done
-    packages="${GROUP_PACKAGES[browser]} ${GROUP_PACKAGES[docker]}"
-    if [ "$(id -u)" != 0 ]; then
-        echo "To run them (as root this script installs $packages itself):"
-        echo "  sudo bash scripts/test.sh"
+    packages=$( (missing_packages browser; missing_packages docker) | xargs)
+    rerun="GEM_SKIP_DOCKER=0 GEM_SKIP_E2E=0 bash scripts/test.sh"
+    echo "To run them:"
+    if [ -z "$packages" ]; then
+        echo "  $rerun"
+    elif [ "$(id -u)" != 0 ]; then
+        echo "  sudo bash scripts/test.sh      # as root it installs $packages itself"
     else
-        echo "To run them:"
-        echo "  apt-get update && apt-get install -y $packages && bash scripts/test.sh"
+        echo "  apt-get update && apt-get install -y $packages && $rerun"
     fi
     if required; then
         echo "FAILED: GEM_E2E_REQUIRED=1 and ${#SKIPPED[@]} group(s) skipped" >&2
