@@ -131,6 +131,11 @@ def stop_engine() -> None:
         return                                   # already gone
     if not cmdline.endswith(b"dockerd"):
         return                                   # the pid was reused by something else
+    running = subprocess.run(["docker", "ps", "-q"], capture_output=True, text=True).stdout.split()
+    if running:
+        # Another run (or a user) started containers on this engine meanwhile: leave it to them.
+        log(f"leaving dockerd (pid {pid}) running: {len(running)} container(s) still run on it")
+        return
     os.kill(pid, 15)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
