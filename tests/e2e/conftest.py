@@ -381,10 +381,12 @@ def browser_timing(request):
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
-    if not _SERVERS and TIMINGS.label_studio_start is None:
+    if not _SERVERS and TIMINGS.label_studio_start is None and not TIMINGS.docker_steps:
         return
     write = terminalreporter.write_line
     terminalreporter.section("GEM end-to-end")
+    for step, seconds in TIMINGS.docker_steps.items():
+        write(f"docker stack: {step}: {seconds:.1f} s")
     if TIMINGS.label_studio_start is not None:
         write(f"Label Studio {LS_VERSION} ready after {TIMINGS.label_studio_start:.1f} s (fresh data dir)")
     for name, seconds in TIMINGS.backend_starts.items():

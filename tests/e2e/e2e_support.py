@@ -493,6 +493,7 @@ class Timings:
     backend_command: str = ""
     browser_start: float | None = None      # Chromium launch, seconds
     browser_tests: dict[str, float] = field(default_factory=dict)   # browser test -> seconds
+    docker_steps: dict[str, float] = field(default_factory=dict)    # test_docker_stack step -> seconds
 
 
 # ---------------------------------------------------------------------------------------
