@@ -455,7 +455,11 @@ class BudgetedBatch:
                 leave(i, "stored", "the task already holds a prediction of this model version")
             elif ids[i] is not None and (self.finisher.is_queued(ids[i], version) or ids[i] in others):
                 leave(i, "background", "being predicted by another request or in the background, or just "
-                                       "answered: that one's prediction is the one Label Studio keeps")
+                                       "stored: that one's prediction is the one Label Studio keeps")
+        elsewhere = sum(1 for o in outcomes if o.reason == "background")
+        if elsewhere:
+            logger.info("/predict: %d of %d tasks answered without a result: another request, process or the "
+                        "background finisher has them (one prediction per task)", elsewhere, n)
         todo = [i for i in range(n) if answers[i] is None]
         claimable = [ids[i] for i in todo if ids[i] is not None]
         held = holder.claim(claimable, version, project=project_key(project))

@@ -14,8 +14,11 @@ Rows are keyed by (task, model version): the same task handed over twice is kept
 
 `Breaker` is the circuit breaker for "Label Studio is unreachable": after a failure it lets one
 probe through per back-off period (doubling up to a maximum) and says so once in the log when it
-opens and once when it closes. `OutboxWriter`-like users (e.g. the prelabel command's uploader)
-can share both: `Outbox.put_results` + `Outbox.due` + `Outbox.done/retry` and `Breaker`.
+opens and once when it closes. Both are independent of the finisher, so another writer (the
+prelabel command's uploader, for example) can keep its computed predictions the same way:
+`put_job` + `put_tasks` + `put_result` to keep them, `due` to list what to store now,
+`done` / `retry(delay_s=backoff(...))` after each try, `unreachable(exc)` to tell an outage from a
+refusal, and a `Breaker` to pause while Label Studio is down.
 """
 from __future__ import annotations
 
