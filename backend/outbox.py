@@ -148,29 +148,36 @@ class Outbox:
 
     # -- taking out ----------------------------------------------------------------------------------
 
-    def _rows(self, where: str, args: tuple, limit: int) -> list[Row]:
+    def _rows(self, where: str, args: tuple, limit: int, offset: int = 0) -> list[Row]:
         with self._lock, self._connect() as db:
             rows = db.execute("SELECT task, model_version, project, job, state, task_data, result, score, "
                               f"prediction_version, attempts, next_try, error FROM items WHERE {where} "
-                              "ORDER BY seq LIMIT ?", (*args, limit)).fetchall()
+                              "ORDER BY seq LIMIT ? OFFSET ?", (*args, limit, offset)).fetchall()
         return [Row(r[0], r[1], r[2], r[3], r[4], json.loads(r[5] or "{}"),
                     json.loads(r[6]) if r[6] is not None else None, r[7], r[8], r[9], r[10], r[11]) for r in rows]
 
+    def _first(self, state: str, limit: int, keys: Iterable[tuple[str, str]] | None, now: float | None) -> list[Row]:
+        """The oldest `limit` rows of `state` that are due (and among `keys`), read a page at a time so
+        that a long outbox is not decoded whole for each batch."""
+        wanted = set(keys) if keys is not None else None
+        now = time.time() if now is None else now
+        out: list[Row] = []
+        offset, page = 0, max(64, 4 * limit)
+        while len(out) < limit:
+            rows = self._rows("state=? AND next_try<=?", (state, now), page, offset)
+            out += [r for r in rows if wanted is None or (r.task, r.model_version) in wanted]
+            if len(rows) < page:
+                break
+            offset += page
+        return out[:limit]
+
     def queued(self, limit: int, keys: Iterable[tuple[str, str]] | None = None, now: float | None = None) -> list[Row]:
         """Queued rows whose retry time has come, oldest first (only `keys` (task, version), if given)."""
-        rows = self._rows("state=? AND next_try<=?", (QUEUED, time.time() if now is None else now), 10 ** 9)
-        if keys is not None:
-            wanted = set(keys)
-            rows = [r for r in rows if (r.task, r.model_version) in wanted]
-        return rows[:limit]
+        return self._first(QUEUED, limit, keys, now)
 
     def due(self, limit: int, keys: Iterable[tuple[str, str]] | None = None, now: float | None = None) -> list[Row]:
         """Computed rows whose (re)try time has come, oldest first."""
-        rows = self._rows("state=? AND next_try<=?", (COMPUTED, time.time() if now is None else now), 10 ** 9)
-        if keys is not None:
-            wanted = set(keys)
-            rows = [r for r in rows if (r.task, r.model_version) in wanted]
-        return rows[:limit]
+        return self._first(COMPUTED, limit, keys, now)
 
     def keys(self) -> list[tuple[str, str]]:
         with self._lock, self._connect() as db:
@@ -180,6 +187,18 @@ class Outbox:
         with self._lock, self._connect() as db:
             return db.execute("SELECT 1 FROM items WHERE task=? AND model_version=?",
                               (str(task), model_version)).fetchone() is not None
+
+    def among(self, tasks: Iterable[Any], model_version: str) -> set[str]:
+        """Which of these task ids (as str) have a row of `model_version`."""
+        keys = [str(t) for t in tasks]
+        out: set[str] = set()
+        with self._lock, self._connect() as db:
+            for start in range(0, len(keys), 500):
+                part = keys[start:start + 500]
+                marks = ",".join("?" * len(part))
+                out.update(r[0] for r in db.execute(
+                    f"SELECT task FROM items WHERE model_version=? AND task IN ({marks})", (model_version, *part)))
+        return out
 
     def next_try(self) -> float | None:
         """The earliest time a row becomes due (None: empty)."""
