@@ -265,11 +265,14 @@ class BackgroundFinisher:
     def _settle(self, rows: Sequence[Row], stored: bool) -> None:
         keys = [(r.task, r.model_version) for r in rows]
         self.outbox.done(keys)   # type: ignore[union-attr]
+        by_version: dict[str, list[str]] = {}
         for task, version in keys:
+            by_version.setdefault(version, []).append(task)
+        for version, tasks in by_version.items():
             if stored:
-                self.holder.mark_stored([task], version)
+                self.holder.mark_stored(tasks, version)
             else:
-                self.holder.release([task], version)
+                self.holder.release(tasks, version)
         with self._cond:
             self._mine.difference_update(keys)
         self._set_gauge()

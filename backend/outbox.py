@@ -219,8 +219,14 @@ class Outbox:
     def done(self, rows: Iterable[tuple[str, str]]) -> None:
         """Stored (or given up): the rows go, and jobs no row needs any more with them."""
         with self._lock, self._connect() as db:
-            db.executemany("DELETE FROM items WHERE task=? AND model_version=?", [(str(t), v) for t, v in rows])
-            db.execute("DELETE FROM jobs WHERE key NOT IN (SELECT DISTINCT job FROM items)")
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.executemany("DELETE FROM items WHERE task=? AND model_version=?", [(str(t), v) for t, v in rows])
+                db.execute("DELETE FROM jobs WHERE key NOT IN (SELECT DISTINCT job FROM items)")
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
 
     def retry(self, task: Any, model_version: str, error: str, delay_s: float, count: bool = True) -> int:
         """Try this row again in `delay_s`; returns its attempts so far (not counted when `count` is False)."""
