@@ -122,6 +122,14 @@ class BackgroundFinisher:
                 return True
         return self.outbox is not None and self.available and self.outbox.contains(task, model_version)
 
+    def queued_among(self, tasks: Sequence[Any], model_version: str) -> set[str]:
+        """The ids (as str) of these tasks that are in the outbox (any process's), in one query."""
+        with self._cond:
+            out = {str(t) for t in tasks if (str(t), model_version) in self._mine}
+        if self.outbox is not None and self.available:
+            out |= self.outbox.among(tasks, model_version)
+        return out
+
     def resume(self) -> None:
         """Start the worker if the outbox holds rows (a restart after a crash or a shutdown)."""
         if not self.available or self.outbox is None:
@@ -257,11 +265,14 @@ class BackgroundFinisher:
     def _settle(self, rows: Sequence[Row], stored: bool) -> None:
         keys = [(r.task, r.model_version) for r in rows]
         self.outbox.done(keys)   # type: ignore[union-attr]
+        by_version: dict[str, list[str]] = {}
         for task, version in keys:
+            by_version.setdefault(version, []).append(task)
+        for version, tasks in by_version.items():
             if stored:
-                self.holder.mark_stored([task], version)
+                self.holder.mark_stored(tasks, version)
             else:
-                self.holder.release([task], version)
+                self.holder.release(tasks, version)
         with self._cond:
             self._mine.difference_update(keys)
         self._set_gauge()
@@ -450,12 +461,17 @@ class BudgetedBatch:
         version = job.model_version
         n = len(tasks)
         others = holder.busy([t for t in ids if t is not None], version)
+        others |= self.finisher.queued_among([t for t in ids if t is not None], version)
         for i, task in enumerate(tasks):
             if version in task_prediction_versions(task):
                 leave(i, "stored", "the task already holds a prediction of this model version")
-            elif ids[i] is not None and (self.finisher.is_queued(ids[i], version) or ids[i] in others):
+            elif ids[i] is not None and ids[i] in others:
                 leave(i, "background", "being predicted by another request or in the background, or just "
-                                       "answered: that one's prediction is the one Label Studio keeps")
+                                       "stored: that one's prediction is the one Label Studio keeps")
+        elsewhere = sum(1 for o in outcomes if o.reason == "background")
+        if elsewhere:
+            logger.info("/predict: %d of %d tasks answered without a result: another request, process or the "
+                        "background finisher has them (one prediction per task)", elsewhere, n)
         todo = [i for i in range(n) if answers[i] is None]
         claimable = [ids[i] for i in todo if ids[i] is not None]
         held = holder.claim(claimable, version, project=project_key(project))

@@ -208,7 +208,13 @@ class ClaimStore:
         if not rows:
             return
         with self._lock, self._connect() as db:
-            db.executemany(sql, rows)
+            db.execute("BEGIN IMMEDIATE")     # one transaction (one sync to disk) for all the rows
+            try:
+                db.executemany(sql, rows)
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
 
     def _held(self, token: str) -> list[tuple[str, str]]:
         with self._lock, self._connect() as db:

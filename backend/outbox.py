@@ -14,8 +14,11 @@ Rows are keyed by (task, model version): the same task handed over twice is kept
 
 `Breaker` is the circuit breaker for "Label Studio is unreachable": after a failure it lets one
 probe through per back-off period (doubling up to a maximum) and says so once in the log when it
-opens and once when it closes. `OutboxWriter`-like users (e.g. the prelabel command's uploader)
-can share both: `Outbox.put_results` + `Outbox.due` + `Outbox.done/retry` and `Breaker`.
+opens and once when it closes. Both are independent of the finisher, so another writer (the
+prelabel command's uploader, for example) can keep its computed predictions the same way:
+`put_job` + `put_tasks` + `put_result` to keep them, `due` to list what to store now,
+`done` / `retry(delay_s=backoff(...))` after each try, `unreachable(exc)` to tell an outage from a
+refusal, and a `Breaker` to pause while Label Studio is down.
 """
 from __future__ import annotations
 
@@ -145,29 +148,36 @@ class Outbox:
 
     # -- taking out ----------------------------------------------------------------------------------
 
-    def _rows(self, where: str, args: tuple, limit: int) -> list[Row]:
+    def _rows(self, where: str, args: tuple, limit: int, offset: int = 0) -> list[Row]:
         with self._lock, self._connect() as db:
             rows = db.execute("SELECT task, model_version, project, job, state, task_data, result, score, "
                               f"prediction_version, attempts, next_try, error FROM items WHERE {where} "
-                              "ORDER BY seq LIMIT ?", (*args, limit)).fetchall()
+                              "ORDER BY seq LIMIT ? OFFSET ?", (*args, limit, offset)).fetchall()
         return [Row(r[0], r[1], r[2], r[3], r[4], json.loads(r[5] or "{}"),
                     json.loads(r[6]) if r[6] is not None else None, r[7], r[8], r[9], r[10], r[11]) for r in rows]
 
+    def _first(self, state: str, limit: int, keys: Iterable[tuple[str, str]] | None, now: float | None) -> list[Row]:
+        """The oldest `limit` rows of `state` that are due (and among `keys`), read a page at a time so
+        that a long outbox is not decoded whole for each batch."""
+        wanted = set(keys) if keys is not None else None
+        now = time.time() if now is None else now
+        out: list[Row] = []
+        offset, page = 0, max(64, 4 * limit)
+        while len(out) < limit:
+            rows = self._rows("state=? AND next_try<=?", (state, now), page, offset)
+            out += [r for r in rows if wanted is None or (r.task, r.model_version) in wanted]
+            if len(rows) < page:
+                break
+            offset += page
+        return out[:limit]
+
     def queued(self, limit: int, keys: Iterable[tuple[str, str]] | None = None, now: float | None = None) -> list[Row]:
         """Queued rows whose retry time has come, oldest first (only `keys` (task, version), if given)."""
-        rows = self._rows("state=? AND next_try<=?", (QUEUED, time.time() if now is None else now), 10 ** 9)
-        if keys is not None:
-            wanted = set(keys)
-            rows = [r for r in rows if (r.task, r.model_version) in wanted]
-        return rows[:limit]
+        return self._first(QUEUED, limit, keys, now)
 
     def due(self, limit: int, keys: Iterable[tuple[str, str]] | None = None, now: float | None = None) -> list[Row]:
         """Computed rows whose (re)try time has come, oldest first."""
-        rows = self._rows("state=? AND next_try<=?", (COMPUTED, time.time() if now is None else now), 10 ** 9)
-        if keys is not None:
-            wanted = set(keys)
-            rows = [r for r in rows if (r.task, r.model_version) in wanted]
-        return rows[:limit]
+        return self._first(COMPUTED, limit, keys, now)
 
     def keys(self) -> list[tuple[str, str]]:
         with self._lock, self._connect() as db:
@@ -177,6 +187,18 @@ class Outbox:
         with self._lock, self._connect() as db:
             return db.execute("SELECT 1 FROM items WHERE task=? AND model_version=?",
                               (str(task), model_version)).fetchone() is not None
+
+    def among(self, tasks: Iterable[Any], model_version: str) -> set[str]:
+        """Which of these task ids (as str) have a row of `model_version`."""
+        keys = [str(t) for t in tasks]
+        out: set[str] = set()
+        with self._lock, self._connect() as db:
+            for start in range(0, len(keys), 500):
+                part = keys[start:start + 500]
+                marks = ",".join("?" * len(part))
+                out.update(r[0] for r in db.execute(
+                    f"SELECT task FROM items WHERE model_version=? AND task IN ({marks})", (model_version, *part)))
+        return out
 
     def next_try(self) -> float | None:
         """The earliest time a row becomes due (None: empty)."""
@@ -197,8 +219,14 @@ class Outbox:
     def done(self, rows: Iterable[tuple[str, str]]) -> None:
         """Stored (or given up): the rows go, and jobs no row needs any more with them."""
         with self._lock, self._connect() as db:
-            db.executemany("DELETE FROM items WHERE task=? AND model_version=?", [(str(t), v) for t, v in rows])
-            db.execute("DELETE FROM jobs WHERE key NOT IN (SELECT DISTINCT job FROM items)")
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.executemany("DELETE FROM items WHERE task=? AND model_version=?", [(str(t), v) for t, v in rows])
+                db.execute("DELETE FROM jobs WHERE key NOT IN (SELECT DISTINCT job FROM items)")
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
 
     def retry(self, task: Any, model_version: str, error: str, delay_s: float, count: bool = True) -> int:
         """Try this row again in `delay_s`; returns its attempts so far (not counted when `count` is False)."""

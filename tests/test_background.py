@@ -233,3 +233,32 @@ def test_a_stalled_download_does_not_stall_the_background_queue(tmp_path, monkey
     assert report.outcomes[1].ok and predictions[1]["result"]
     assert took < 10        # not the 30 s the download hangs for
     pipeline.close()
+
+
+def test_two_requests_at_once_answer_each_task_with_a_result_once(tmp_path, fake_ls, caplog):
+    """Same worker process, two threads: the claims are per request, not per process."""
+    import logging
+    import threading
+
+    caplog.set_level(logging.INFO, logger="backend.background")
+    app, gem = _app(tmp_path, SlowPredictor(0.2))
+    tasks = _tasks(fake_ls, 6)
+    barrier = threading.Barrier(2)
+    answers = []
+
+    def call():
+        client = app.test_client()
+        barrier.wait()
+        answers.append(_predict(client, tasks))
+
+    threads = [threading.Thread(target=call) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert len(answers) == 2
+    per_task = [sum("result" in answer[i] for answer in answers) for i in range(len(tasks))]
+    assert per_task == [1] * len(tasks)
+    assert "answered without a result: another request" in caplog.text
+    # and the first request's end did not free what the other holds: nothing is left claimed
+    assert ClaimStore(str(tmp_path / "claims.sqlite")).busy([t["id"] for t in tasks], VERSION) == set()

@@ -115,3 +115,21 @@ def test_a_prediction_found_stored_is_not_stored_again(tmp_path, fake_ls):
     _wait(lambda: box.size() == 0)
     assert len(fake_ls.predictions_of(tid)) == 1 and gem.finisher.counts["skipped"] == 1
     gem.finisher.close()
+
+
+def test_rows_are_read_oldest_first_a_page_at_a_time(tmp_path):
+    box = Outbox(str(tmp_path / "o.sqlite"))
+    box.put_tasks([{"id": i} for i in range(300)], "v", 1, "j", limit=1000)
+    assert [r.task for r in box.queued(3)] == ["0", "1", "2"]
+    # only another holder's rows come first: the first of ours is found further on
+    ours = {(str(i), "v") for i in range(250, 300)}
+    assert [r.task for r in box.queued(2, keys=ours)] == ["250", "251"]
+    assert box.queued(5, keys=set()) == []
+
+
+def test_among_finds_the_tasks_of_a_version(tmp_path):
+    box = Outbox(str(tmp_path / "o.sqlite"))
+    box.put_tasks([{"id": i} for i in range(1200)], "v", 1, "j", limit=2000)
+    assert box.among([5, 1199, 5000, "7"], "v") == {"5", "1199", "7"}
+    assert box.among(range(1200), "other") == set()
+    assert len(box.among(range(1500), "v")) == 1200       # more ids than one query takes
