@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -218,6 +219,60 @@ class Budget:
         return per_task is None or per_task * tasks <= remaining
 
 
+# -- the annotator first ------------------------------------------------------------------------------
+
+
+class ModelGate:
+    """The model lock, with interactive calls first.
+
+    One forward pass at a time, as before, but not first come first served: an interactive call
+    (the annotator waiting on the labeling page) takes the model before any bulk work that waits
+    for it, and while one is in flight anywhere in its call (fetching, post-processing), bulk work
+    pauses at its next model call or image. Bulk work holds the model for one small call at a time
+    (`GEM_BULK_MODEL_IMAGES`), so an annotator waits at most for the call already running.
+    """
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._busy = False
+        self._interactive = 0        # interactive calls in flight
+        self.yields = 0              # times bulk work waited for an interactive call (for tests, metrics)
+
+    @contextlib.contextmanager
+    def interactive_call(self):
+        with self._cond:
+            self._interactive += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._interactive -= 1
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def model(self, interactive: bool):
+        with self._cond:
+            if not interactive and self._interactive:
+                self.yields += 1
+            while self._busy or (not interactive and self._interactive):
+                self._cond.wait()
+            self._busy = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._busy = False
+                self._cond.notify_all()
+
+    def pause_for_interactive(self) -> None:
+        """Bulk work's checkpoint between images: wait while an interactive call is in flight."""
+        with self._cond:
+            if self._interactive:
+                self.yields += 1
+            while self._interactive:
+                self._cond.wait()
+
+
 # -- the pipeline ---------------------------------------------------------------------------------------
 
 
@@ -271,7 +326,9 @@ class PredictionPipeline:
         self.metrics = metrics
         self.seconds_per_task: float | None = None   # running average over calls, for budgets
         self.decode_min_side = _decode_min_side(settings, predictor, self.region_config)
-        self._model_lock = threading.Lock()
+        self.gate = ModelGate()
+        self.bulk_model_images = settings.bulk_model_images or \
+            (settings.batch_size if _on_gpu(settings, predictor) else 1)
         self._report_lock = threading.Lock()
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=settings.fetch_workers,
                                                            thread_name_prefix="gem-fetch")
@@ -329,6 +386,13 @@ class PredictionPipeline:
         """
         if not isinstance(job, PredictionJob):
             job = self.prepare(job)
+        if not job.stored:
+            with self.gate.interactive_call():
+                return self._predict(tasks, job, deadline)
+        return self._predict(tasks, job, deadline)
+
+    def _predict(self, tasks: Sequence[Mapping[str, Any]], job: PredictionJob,
+                 deadline: float | None) -> tuple[list[dict], PredictReport]:
         started = time.monotonic()
         report = PredictReport(interactive=job.prompts.interactive, stored=job.stored, prompts=job.all_prompts)
         predictions: list[dict | None] = [None] * len(tasks)
@@ -417,11 +481,21 @@ class PredictionPipeline:
         if not fetched:
             return
         order = [(i, name) for i in fetched for name in fetched[i]]
-        encoded = self._encode([fetched[i][name].image for i, name in order], report)
+        interactive = not job.stored
+        images = [fetched[i][name].image for i, name in order]
+        if interactive:
+            encoded = self._encode(images, report, interactive=True)
+        else:
+            # Bulk work holds the model one small call at a time, so the annotator never waits long.
+            step = self.bulk_model_images
+            encoded = [e for k in range(0, len(images), step)
+                       for e in self._encode(images[k:k + step], report, interactive=False)]
         per_task: dict[int, list[tuple[list[dict], list[float]]]] = {}
         for (i, name), (enc, error) in zip(order, encoded):
             if isinstance(predictions[i], dict):
                 continue
+            if not interactive:
+                self.gate.pause_for_interactive()
             if error is not None:
                 self._fail(job, report, predictions, i, error.reason, str(error))
                 continue
@@ -445,12 +519,13 @@ class PredictionPipeline:
             outcome = report.outcomes[i]
             outcome.results, outcome.score = len(results), score
 
-    def _encode(self, images: list, report: PredictReport) -> list[tuple[Any, TaskError | None]]:
+    def _encode(self, images: list, report: PredictReport,
+                interactive: bool = False) -> list[tuple[Any, TaskError | None]]:
         """(encoded, None) or (None, error) per image. A failed batch is retried one image at a
         time, so one image the model cannot take fails alone."""
         started = time.perf_counter()
         try:
-            with self._model_lock:
+            with self.gate.model(interactive):
                 encoded = list(self.predictor.encode(images, batch_size=self.settings.batch_size))
             return [(e, None) for e in encoded]
         except Exception as exc:
@@ -460,7 +535,7 @@ class PredictionPipeline:
             logger.warning("batch encode failed (%s: %s); retrying images one by one", type(exc).__name__, exc)
         finally:
             self._time(report, "model", time.perf_counter() - started)
-        return [self._encode([image], report)[0] for image in images]
+        return [self._encode([image], report, interactive)[0] for image in images]
 
     def _predict_image(self, encoded: Any, image: FetchedImage, controls: Sequence[ControlPrompts],
                        job: PredictionJob, report: PredictReport,
@@ -479,7 +554,7 @@ class PredictionPipeline:
         floor = region_config.min_similarity
         visual = bool(exemplars) or job.learned_maps is not None
         started = time.perf_counter()
-        with self._model_lock:
+        with self.gate.model(not job.stored):
             sims = np.asarray(self.predictor.grid_similarity(encoded, prompts), dtype=np.float32) \
                 if prompts else None                                                          # [P, h, w]
             features = np.asarray(self.predictor.patch_embeddings(encoded), dtype=np.float32) \
@@ -496,7 +571,7 @@ class PredictionPipeline:
         self._time(report, "postprocess", time.perf_counter() - started)
         work = _working_size(self.predictor, encoded, image, region_config)
         started = time.perf_counter()
-        with self._model_lock:
+        with self.gate.model(not job.stored):
             maps = np.asarray(self.predictor.upsample(np.stack(grid_maps), encoded, output_size=work),
                               dtype=np.float32)                                               # [K, h, w]
         self._time(report, "model", time.perf_counter() - started)
@@ -568,6 +643,18 @@ class PredictionPipeline:
             self.metrics.tasks.inc(outcome="ok" if outcome.ok else "failed")
             if not outcome.ok:
                 self.metrics.task_errors.inc(reason=outcome.reason or "unknown")
+
+
+def _on_gpu(settings: Settings, predictor: Any) -> bool:
+    """Whether the model runs on an accelerator: its own device when it says, else the setting."""
+    device = getattr(getattr(predictor, "model", None), "device", None)
+    if device is not None:
+        return str(device) != "cpu"
+    if settings.device == "auto":
+        import torch
+
+        return bool(torch.cuda.is_available())
+    return settings.device != "cpu"
 
 
 def task_id(task: Any) -> Any:

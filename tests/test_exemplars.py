@@ -2,6 +2,8 @@
 label's map (text, learned state, exemplars), PAMR on every path, and regions never repeated."""
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
@@ -316,3 +318,75 @@ def test_learned_and_text_paths_give_the_same_maps_without_prototypes(tmp_path, 
     pipeline.predict(tasks, pipeline.prepare(config, learned=ProjectLearned(maps=LearnedMaps())))
     assert len(captured) == 4          # per call: (Disk) for box and poly, (Disk, Sky) for brush
     assert np.allclose(captured[0], captured[2], atol=1e-6) and np.allclose(captured[1], captured[3], atol=1e-6)
+
+
+# -- the annotator first ----------------------------------------------------------------------------
+
+
+def test_the_gate_serves_a_waiting_interactive_call_before_waiting_bulk_work():
+    import threading
+
+    from backend.pipeline import ModelGate
+
+    gate = ModelGate()
+    order = []
+    holding = threading.Event()
+    release = threading.Event()
+
+    def bulk_holder():
+        with gate.model(interactive=False):
+            holding.set()
+            release.wait(5)
+
+    def caller(name, interactive):
+        with gate.model(interactive=interactive):
+            order.append(name)
+
+    threads = [threading.Thread(target=bulk_holder)]
+    threads[0].start()
+    holding.wait(5)
+    threads.append(threading.Thread(target=caller, args=("bulk", False)))
+    threads[1].start()
+    time.sleep(0.1)                      # the bulk caller queues first ...
+    threads.append(threading.Thread(target=caller, args=("interactive", True)))
+    threads[2].start()
+    time.sleep(0.1)
+    release.set()
+    for t in threads:
+        t.join(5)
+    assert order == ["interactive", "bulk"]   # ... the annotator still goes first
+
+
+def test_bulk_work_yields_to_a_typed_prompt_between_images(tmp_path):
+    import threading
+
+    from backend_fixtures import BRUSH_CONFIG, SlowPredictor, square_image
+
+    predictor = SlowPredictor(0.15)
+    pipeline = PredictionPipeline(Settings(model_dir=str(tmp_path), batch_size=8), predictor, model_version="v")
+    assert pipeline.bulk_model_images == 1                                   # CPU: one image per model call
+    tasks = [{"id": i, "data": {"image": data_uri(square_image(width=40 + i))}} for i in range(12)]
+    bulk = threading.Thread(target=pipeline.predict, args=(tasks, pipeline.prepare(BRUSH_CONFIG)))
+    bulk.start()
+    assert _wait(lambda: predictor.encode_calls)
+    context = {"result": [{"type": "textarea", "from_name": "prompt", "to_name": "image", "value": {"text": ["Bright"]}}]}
+    job = pipeline.prepare(BRUSH_CONFIG, context=context)
+    new_image = [{"id": 99, "data": {"image": data_uri(square_image(width=33))}}]
+    predictions, _ = pipeline.predict(new_image, job)
+    bulk_images_before = sum(predictor.encode_calls[:-1])
+    bulk.join(30)
+    assert predictions[0]["result"]
+    # Answered after at most the bulk call already running (plus what was queued before we came),
+    # not after a whole 8-image batch; the bulk job still finished all 12.
+    assert bulk_images_before <= 3
+    assert sum(predictor.encode_calls) == 13 and set(predictor.encode_calls[:-1]) | set(predictor.encode_calls) == {1}
+    assert pipeline.gate.yields >= 1
+
+
+def _wait(condition, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.01)
+    return False
