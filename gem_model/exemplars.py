@@ -8,7 +8,8 @@ upsampled (and PAMR-refined) to the working resolution by `HeatmapPredictor.upsa
 2. Learned state. With a project's `LearnedMaps`, the text maps are blended with the project's
    prototypes and shifted by the calibrated offsets (gem_model/learning.py).
 3. Exemplars. An example box or click of the label on THIS image gives positive vectors (the mean
-   GEM embedding inside each box, the embedding of a clicked patch). The exemplar evidence at a
+   GEM embedding of the half of a box's patches least like the background, which drops the
+   ground at the corners of a box around a round object; the embedding of a clicked patch). The exemplar evidence at a
    patch is the margin `max_k cos(x, positive_k) - max(cos(x, background), max_j cos(x, negative_j))`
    where background is the mean embedding of the patches no exemplar touches: positive where the
    patch looks more like an example than like the rest of the image or any negative example.
@@ -103,9 +104,16 @@ def exemplar_vectors(features: np.ndarray, exemplars: Sequence[Exemplar]) -> Exe
     positives: dict[str, list[np.ndarray]] = {}
     negatives: dict[str, list[np.ndarray]] = {}
     shared: list[np.ndarray] = []
-    for exemplar in exemplars:
-        coverage = exemplar_coverage(exemplar, grid)
+    coverages = [exemplar_coverage(exemplar, grid) for exemplar in exemplars]
+    for coverage in coverages:
         np.maximum(touched, coverage, out=touched)
+    free = touched <= 0.0
+    if not free.any():
+        free = touched < MIN_COVERAGE
+    background = mean_embedding(features, free.astype(np.float32), MIN_COVERAGE) if free.any() else None
+    for exemplar, coverage in zip(exemplars, coverages):
+        if exemplar.box is not None and background is not None:
+            coverage = _foreground(features, coverage, background)
         vector = mean_embedding(features, coverage, MIN_COVERAGE)
         if vector is None:      # a box outside the image
             continue
@@ -115,16 +123,25 @@ def exemplar_vectors(features: np.ndarray, exemplars: Sequence[Exemplar]) -> Exe
             shared.append(vector)
         else:
             negatives.setdefault(exemplar.label, []).append(vector)
-    free = touched <= 0.0
-    if not free.any():
-        free = touched < MIN_COVERAGE
-    background = mean_embedding(features, free.astype(np.float32), MIN_COVERAGE) if free.any() else None
     dim = features.shape[2]
     return ExemplarVectors(
         positives={k: np.stack(v) for k, v in positives.items()},
         negatives={k: np.stack(v) for k, v in negatives.items()},
         shared_negatives=np.stack(shared) if shared else np.zeros((0, dim), np.float32),
         background=background)
+
+
+def _foreground(features: np.ndarray, coverage: np.ndarray, background: np.ndarray) -> np.ndarray:
+    """The box's coverage without its patches most like the background: a box around a disc also
+    holds the ground at its corners, which would pull the example towards everything else. Of the
+    patches inside, the half least similar to the background mean is kept (boxes of 4+ patches)."""
+    inside = coverage >= MIN_COVERAGE
+    if inside.sum() < 4:
+        return coverage
+    likeness = features[inside] @ background
+    keep = np.zeros_like(inside)
+    keep[inside] = likeness <= np.median(likeness)
+    return np.where(keep, coverage, 0.0).astype(np.float32)
 
 
 def build_label_maps(features: Optional[np.ndarray], labels: Sequence[str],
