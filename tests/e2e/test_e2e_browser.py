@@ -315,9 +315,9 @@ def _trim(value: Any, depth: int = 0) -> Any:
 SMART_CONFIG = (
     '<View>'
     '<Image name="image" value="$image"/>'
-    '<RectangleLabels name="rect" toName="image" smart="true"><Label value="disc"/><Label value="stripes"/>'
+    '<RectangleLabels name="rect" toName="image" smart="true" smartOnly="true"><Label value="disc"/><Label value="stripes"/>'
     '</RectangleLabels>'
-    '<KeyPointLabels name="kp" toName="image" smart="true"><Label value="disc"/><Label value="stripes"/>'
+    '<KeyPointLabels name="kp" toName="image" smart="true" smartOnly="true"><Label value="disc"/><Label value="stripes"/>'
     '</KeyPointLabels>'
     '<BrushLabels name="brush" toName="image"><Label value="disc"/><Label value="stripes"/></BrushLabels>'
     '<PolygonLabels name="poly" toName="image"><Label value="disc"/><Label value="stripes"/></PolygonLabels>'
