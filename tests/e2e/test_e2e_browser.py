@@ -406,8 +406,10 @@ def test_one_example_box_suggests_every_like_object(
     regions_before = sum(map(len, regions(page).values()))
     steps.done("opened")
 
-    # The rectangle control's "disc" label, then a box drawn around the first disc.
+    # The rectangle control's "disc" label, the Auto-Detect tool (hotkey M: its first smart tool,
+    # the rectangle), then a box drawn around the first disc.
     page.get_by_text("disc", exact=True).first.click()
+    page.keyboard.press("m")
     before = len(smart_proxy.calls())
     x0, y0, x1, y1 = SCENE_DISCS[0]
     start, end = _image_point(page, x0 - 4, y0 - 4), _image_point(page, x1 + 4, y1 + 4)
@@ -449,6 +451,7 @@ def test_a_negative_click_removes_a_lookalike(
     task = smart_project["tasks"][1]
     _open_smart_task(page, label_studio, smart_project, task)
     page.get_by_text("disc", exact=True).first.click()
+    page.keyboard.press("m")
     before = len(smart_proxy.calls())
     x0, y0, x1, y1 = SCENE_DISCS[0]
     start, end = _image_point(page, x0 - 4, y0 - 4), _image_point(page, x1 + 4, y1 + 4)
@@ -460,8 +463,10 @@ def test_a_negative_click_removes_a_lookalike(
     assert _covers(first.answer["results"][0]["result"], SCENE_LOOKALIKE) > 0.5      # the look-alike is found
     steps.done("box")
 
-    # The keypoint control's "disc" (the second one on the page), then an Alt-click on the look-alike.
+    # The keypoint control's "disc" (the second one on the page), Auto-Detect again (M cycles to
+    # the next smart tool, the keypoint), then an Alt-click on the look-alike.
     page.get_by_text("disc", exact=True).nth(1).click()
+    page.keyboard.press("m")
     before = len(smart_proxy.calls())
     point = _image_point(page, (SCENE_LOOKALIKE[0] + SCENE_LOOKALIKE[2]) / 2, (SCENE_LOOKALIKE[1] + SCENE_LOOKALIKE[3]) / 2)
     page.keyboard.down("Alt")
