@@ -141,6 +141,10 @@ def exemplars_from_context(context: Any, plan: PredictionPlan) -> dict[str, tupl
         source = plan.exemplar_input(str(item.get("from_name", "")))
         if source is None or kind not in ("rectanglelabels", "keypointlabels"):
             continue
+        if item.get("origin") == "prediction":
+            # Label Studio sends every region of a smart control, pre-annotations included: those
+            # are the model's own guesses, not examples (they still count as present regions).
+            continue
         value = item.get("value")
         labels = value.get(kind) if isinstance(value, Mapping) else None
         text = labels[0] if isinstance(labels, list) and labels and isinstance(labels[0], str) else None

@@ -5,7 +5,7 @@
 One process, one pipeline (as one backend worker): a thread runs the bulk `/predict` of `--tasks`
 new images (what Label Studio's Retrieve Predictions sends); meanwhile typed prompts on NEW images
 (never encoded, so each pays a full encode) arrive one after another, as an annotator's would.
-Before the bulk job starts the same kind of prompt is timed on an idle backend. It prints the
+The same kind of prompt is timed on the idle backend before and after the bulk job. It prints the
 idle median, each prompt's latency under load, the worst of them and worst / idle (the target is
 <= 2.5). `--bulk-images` sets GEM_BULK_MODEL_IMAGES (0: 1 on CPU). `--batch-cost` only times one
 8-image model call against eight 1-image calls. The model is a random-weight ViT-B-16
@@ -116,6 +116,8 @@ def main(argv=None) -> None:
             loaded.append(typed(pipeline, 20_000 + k, f"a square {k}"))
             time.sleep(1.0)      # the annotator looks at the answer
         worker.join()
+        # Idle again after the bulk job: the machine's own load drifts, so idle is measured on both sides.
+        idle += [typed(pipeline, 30_001 + k, f"a ring {k}") for k in range(args.idle)]
         base = statistics.median(idle)
         print(f"ViT-B-16 (random weights), image size {args.size}, bulk model call = "
               f"{pipeline.bulk_model_images} image(s), {args.tasks}-task bulk predict took {bulk_seconds[0]:.1f} s; "

@@ -169,6 +169,8 @@ def test_context_regions_become_exemplars_with_their_sign():
         {"type": "keypointlabels", "from_name": "point", "value": {"x": "a lot"}},       # malformed: skipped
         {"type": "rectanglelabels", "from_name": "box", "value": {"x": 1, "y": 1, "width": 0, "height": 5}},
     ]}
+    predicted = dict(box_item(SQUARES[1]), origin="prediction")       # a pre-annotation: not an example
+    context["result"].append(predicted)
     found = exemplars_from_context(context, plan)["image"]
     assert [(e.label, e.positive, e.box is not None) for e in found] == [
         ("Disk", True, True), (None, False, True), ("Disk", True, False), ("Disk", False, False)]
@@ -177,7 +179,7 @@ def test_context_regions_become_exemplars_with_their_sign():
     assert {c.control.name: [lp.label for lp in c.labels] for c in prompts.controls} == \
         {"box": ["Disk"], "brush": ["Disk"], "poly": ["Disk"]}
     assert prompts.present == {"box": (context["result"][0], context["result"][1],
-                                       context["result"][5])}
+                                       context["result"][5], predicted)}
 
 
 # -- the pipeline, end to end on a transparent fake model -------------------------------------------

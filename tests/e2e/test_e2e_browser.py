@@ -316,7 +316,7 @@ SMART_CONFIG = (
     '<View>'
     '<Image name="image" value="$image"/>'
     '<RectangleLabels name="rect" toName="image" smart="true" smartOnly="true"><Label value="disc"/><Label value="stripes"/>'
-    '</RectangleLabels>'
+    '<Label value="not this" negative="true"/></RectangleLabels>'
     '<KeyPointLabels name="kp" toName="image" smart="true" smartOnly="true"><Label value="disc"/><Label value="stripes"/>'
     '</KeyPointLabels>'
     '<BrushLabels name="brush" toName="image"><Label value="disc"/><Label value="stripes"/></BrushLabels>'
@@ -419,7 +419,10 @@ def test_one_example_box_suggests_every_like_object(
     page.mouse.move(*end, steps=5)
     page.mouse.up()
     (call,) = wait_until(lambda: _interactive_calls(smart_proxy, before, "rectanglelabels"), timeout=60)[:1]
-    (box,) = [i for i in call.body["params"]["context"]["result"] if i["type"] == "rectanglelabels"]
+    # Label Studio sends every region of the smart control: the pre-annotation boxes
+    # (origin "prediction") and the one just drawn (origin "manual").
+    items = call.body["params"]["context"]["result"]
+    (box,) = [i for i in items if i["type"] == "rectanglelabels" and i.get("origin") != "prediction"]
     assert box["from_name"] == "rect" and box["value"]["rectanglelabels"] == ["disc"]
     assert {"x", "y", "width", "height"} <= set(box["value"]) and box["original_width"] == SCENE_SIZE[0]
     (answer,) = call.answer["results"]
@@ -428,7 +431,9 @@ def test_one_example_box_suggests_every_like_object(
     assert all(_covers(suggested, d) > 0.8 for d in SCENE_DISCS), suggested
     assert all(_covers(suggested, d, "polygonlabels") > 0.8 for d in SCENE_DISCS)
     assert all(_covers(suggested, s) == 0 for s in SCENE_SQUARES)
-    assert len([i for i in suggested if i["type"] == "rectanglelabels"]) >= 2
+    # The rectangle control already holds a box on every disc (the pre-annotations, sent back in
+    # the context): none is suggested again.
+    assert not [i for i in suggested if i["type"] == "rectanglelabels"]
     page.get_by_text(SUGGESTIONS).first.wait_for()
     assert suggestion_count(page) == len(suggested)
     steps.done("suggestions")
@@ -445,7 +450,7 @@ def test_one_example_box_suggests_every_like_object(
     steps.done("submitted")
 
 
-def test_a_negative_click_removes_a_lookalike(
+def test_a_negative_example_removes_a_lookalike(
         page, ui_calls, label_studio, smart_proxy, smart_project, browser_artifacts, browser_timing):
     steps = Steps("exemplar-negative", page, ui_calls, smart_proxy, browser_artifacts)
     task = smart_project["tasks"][1]
@@ -463,20 +468,21 @@ def test_a_negative_click_removes_a_lookalike(
     assert _covers(first.answer["results"][0]["result"], SCENE_LOOKALIKE) > 0.5      # the look-alike is found
     steps.done("box")
 
-    # The keypoint control's "disc" (the second one on the page), Auto-Detect again (M cycles to
-    # the next smart tool, the keypoint), then an Alt-click on the look-alike.
-    page.get_by_text("disc", exact=True).nth(1).click()
-    page.keyboard.press("m")
+    # A box of the label configured negative="true" around the look-alike: it and anything like it go.
+    page.get_by_text("not this", exact=True).first.click()
     before = len(smart_proxy.calls())
-    point = _image_point(page, (SCENE_LOOKALIKE[0] + SCENE_LOOKALIKE[2]) / 2, (SCENE_LOOKALIKE[1] + SCENE_LOOKALIKE[3]) / 2)
-    page.keyboard.down("Alt")
-    page.mouse.click(*point)
-    page.keyboard.up("Alt")
-    (call,) = wait_until(lambda: _interactive_calls(smart_proxy, before, "keypointlabels"), timeout=60)[:1]
-    items = call.body["params"]["context"]["result"]
-    (click,) = [i for i in items if i["type"] == "keypointlabels"]
-    assert click.get("is_positive") in (False, 0), click
-    assert any(i["type"] == "rectanglelabels" for i in items)            # the earlier box comes again
+    x0, y0, x1, y1 = SCENE_LOOKALIKE
+    start, end = _image_point(page, x0 - 3, y0 - 3), _image_point(page, x1 + 3, y1 + 3)
+    page.mouse.move(*start)
+    page.mouse.down()
+    page.mouse.move(*end, steps=8)
+    page.mouse.up()
+    calls = wait_until(lambda: [c for c in _interactive_calls(smart_proxy, before, "rectanglelabels")
+                                if any(i["value"].get("rectanglelabels") == ["not this"]
+                                       for i in c.body["params"]["context"]["result"])], timeout=60)
+    (call,) = calls[:1]
+    manual = [i for i in call.body["params"]["context"]["result"] if i.get("origin") != "prediction"]
+    assert sorted(i["value"]["rectanglelabels"][0] for i in manual) == ["disc", "not this"]   # both examples
     result = call.answer["results"][0]["result"]
     assert _covers(result, SCENE_LOOKALIKE) == 0
     assert all(_covers(result, d) > 0.5 for d in SCENE_DISCS)
