@@ -237,6 +237,7 @@ class ModelGate:
         self._busy = False
         self._interactive = 0        # interactive calls in flight
         self.yields = 0              # times bulk work waited for an interactive call (for tests, metrics)
+        self.waiting_interactive = 0  # interactive model calls waiting for the model
 
     @contextlib.contextmanager
     def interactive_call(self):
@@ -252,10 +253,18 @@ class ModelGate:
     @contextlib.contextmanager
     def model(self, interactive: bool):
         with self._cond:
-            if not interactive and self._interactive:
-                self.yields += 1
-            while self._busy or (not interactive and self._interactive):
-                self._cond.wait()
+            if interactive:
+                self.waiting_interactive += 1
+                try:
+                    while self._busy:
+                        self._cond.wait()
+                finally:
+                    self.waiting_interactive -= 1
+            else:
+                if self._interactive or self.waiting_interactive:
+                    self.yields += 1
+                while self._busy or self._interactive or self.waiting_interactive:
+                    self._cond.wait()
             self._busy = True
         try:
             yield

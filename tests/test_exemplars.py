@@ -349,10 +349,10 @@ def test_the_gate_serves_a_waiting_interactive_call_before_waiting_bulk_work():
     holding.wait(5)
     threads.append(threading.Thread(target=caller, args=("bulk", False)))
     threads[1].start()
-    time.sleep(0.1)                      # the bulk caller queues first ...
+    time.sleep(0.2)                      # the bulk caller queues first ...
     threads.append(threading.Thread(target=caller, args=("interactive", True)))
     threads[2].start()
-    time.sleep(0.1)
+    assert _wait(lambda: gate.waiting_interactive == 1)
     release.set()
     for t in threads:
         t.join(5)
