@@ -7,6 +7,11 @@ Per-label prompts: `<Label value="Car" prompts="car; automobile; pickup truck"/>
 Prompts are separated by `;` (commas occur inside natural phrases such as "a red, rusty car").
 Without the attribute a label's prompt is its `value`. The label's heatmap is the maximum over
 its prompts' similarity maps.
+
+Exemplar inputs (docs/INTERACTIVE.md): a `<RectangleLabels smart="true">` or any `<KeyPointLabels>`
+pointing at a predicted image takes example boxes and clicks in interactive calls. A label with
+`negative="true"` in such a control is an example of what NOT to find (for every label of the
+call); it is never predicted.
 """
 from __future__ import annotations
 
@@ -25,6 +30,8 @@ CONTROL_KINDS = {
     "rectanglelabels": ("rectangle", "rectanglelabels"),
 }
 SUPPORTED_TEXT = "BrushLabels, PolygonLabels or RectangleLabels with toName pointing at an <Image>"
+EXEMPLAR_TAGS = {"rectanglelabels": "box", "keypointlabels": "point"}   # smart tags whose regions are examples
+NEGATIVE_ATTRIBUTE = "negative"
 
 
 class LabelConfigError(ValueError):
@@ -67,12 +74,25 @@ class ControlSpec:
 
 
 @dataclass(frozen=True)
+class ExemplarInput:
+    """A control whose regions are examples in interactive calls (smart RectangleLabels, KeyPointLabels)."""
+    name: str                   # the context items' from_name
+    kind: str                   # box | point
+    to_name: str
+    negatives: frozenset[str]   # values of its labels marked negative="true"
+
+
+@dataclass(frozen=True)
 class PredictionPlan:
     images: tuple[ImageSpec, ...]        # the images some control predicts on
     controls: tuple[ControlSpec, ...]
     prompt_inputs: tuple[str, ...]       # names of <TextArea>s pointing at one of those images
     skipped: tuple[str, ...] = ()        # why other controls are not predicted (for logs)
     config: str = field(default="", repr=False, compare=False)
+    exemplar_inputs: tuple[ExemplarInput, ...] = ()
+
+    def exemplar_input(self, name: str) -> ExemplarInput | None:
+        return next((e for e in self.exemplar_inputs if e.name == name), None)
 
 
 def normalize(text: str) -> str:
@@ -145,8 +165,13 @@ def _parse_cached(config: str, outputs: tuple[str, ...]) -> PredictionPlan:
             return None
         return ImageSpec(name=target, value=obj.attr["value"])
 
+    exemplar_inputs: list[ExemplarInput] = []
     for control in interface.controls or []:
         tag = control.tag.lower()
+        negatives = _negative_labels(control)
+        if tag in EXEMPLAR_TAGS and (tag == "keypointlabels" or _is_smart(control)):
+            exemplar_inputs.extend(ExemplarInput(control.name, EXEMPLAR_TAGS[tag], target, negatives)
+                                   for target in control.to_name)
         if tag not in CONTROL_KINDS:
             continue
         kind, result_type = CONTROL_KINDS[tag]
@@ -154,7 +179,7 @@ def _parse_cached(config: str, outputs: tuple[str, ...]) -> PredictionPlan:
         if kind not in outputs:
             skipped.append(f"{owner}: {kind} is not in GEM_OUTPUTS ({','.join(outputs)})")
             continue
-        labels = _labels_of(control)
+        labels = tuple(label for label in _labels_of(control) if label.value not in negatives)
         if not labels:
             skipped.append(f"{owner}: has no static <Label> children")
             continue
@@ -178,7 +203,25 @@ def _parse_cached(config: str, outputs: tuple[str, ...]) -> PredictionPlan:
         and any(t in images for t in c.to_name))
 
     return PredictionPlan(images=tuple(images.values()), controls=tuple(controls),
-                          prompt_inputs=prompt_inputs, skipped=tuple(skipped), config=config)
+                          prompt_inputs=prompt_inputs, skipped=tuple(skipped), config=config,
+                          exemplar_inputs=tuple(e for e in exemplar_inputs if e.to_name in images))
+
+
+def _is_true(value) -> bool:
+    return str(value).strip().lower() in ("true", "1", "yes")
+
+
+def _is_smart(control) -> bool:
+    """Label Studio sends a RectangleLabels region to the backend when the control, or one of its
+    labels, is smart (`smart="true"`, or `smartOnly`)."""
+    if _is_true(control.attr.get("smart")) or _is_true(control.attr.get("smartOnly")):
+        return True
+    return any(_is_true(tag.attr.get("smart")) for tag in (control.labels_attrs or {}).values())
+
+
+def _negative_labels(control) -> frozenset[str]:
+    return frozenset(value for value, tag in (control.labels_attrs or {}).items()
+                     if _is_true(tag.attr.get(NEGATIVE_ATTRIBUTE)))
 
 
 def _labels_of(control) -> tuple[LabelSpec, ...]:

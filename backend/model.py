@@ -233,7 +233,8 @@ class GemBackendModel:
         plan = parse_label_config(config or "", self.settings.outputs)   # LabelConfigError: caller's 4xx
         self.wait_until_ready(self.settings.load_wait)
         remembered = self.memory.get(key) if self.settings.remember_prompts else ()
-        learned = self.learned_provider(project) if self.learned_provider is not None and context is None else None
+        # Interactive calls too: a typed prompt is shaped by what the project learned, like Retrieve.
+        learned = self.learned_provider(project) if self.learned_provider is not None else None
         job = self.pipeline.prepare(plan, context, project=project, remembered=remembered,  # type: ignore[union-attr]
                                     learned=learned)
         typed = tuple(dict.fromkeys(p for prompts in job.prompts.free_text.values() for p in prompts))

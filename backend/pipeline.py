@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -257,6 +258,69 @@ class Budget:
         return per_task is None or per_task * tasks <= remaining
 
 
+# -- the annotator first ------------------------------------------------------------------------------
+
+
+class ModelGate:
+    """The model lock, with interactive calls first.
+
+    One forward pass at a time, as before, but not first come first served: an interactive call
+    (the annotator waiting on the labeling page) takes the model before any bulk work that waits
+    for it, and while one is in flight anywhere in its call (fetching, post-processing), bulk work
+    pauses at its next model call or image. Bulk work holds the model for one small call at a time
+    (`GEM_BULK_MODEL_IMAGES`), so an annotator waits at most for the call already running.
+    """
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._busy = False
+        self._interactive = 0        # interactive calls in flight
+        self.yields = 0              # times bulk work waited for an interactive call (for tests, metrics)
+        self.waiting_interactive = 0  # interactive model calls waiting for the model
+
+    @contextlib.contextmanager
+    def interactive_call(self):
+        with self._cond:
+            self._interactive += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._interactive -= 1
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def model(self, interactive: bool):
+        with self._cond:
+            if interactive:
+                self.waiting_interactive += 1
+                try:
+                    while self._busy:
+                        self._cond.wait()
+                finally:
+                    self.waiting_interactive -= 1
+            else:
+                if self._interactive or self.waiting_interactive:
+                    self.yields += 1
+                while self._busy or self._interactive or self.waiting_interactive:
+                    self._cond.wait()
+            self._busy = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._busy = False
+                self._cond.notify_all()
+
+    def pause_for_interactive(self) -> None:
+        """Bulk work's checkpoint between images: wait while an interactive call is in flight."""
+        with self._cond:
+            if self._interactive:
+                self.yields += 1
+            while self._interactive:
+                self._cond.wait()
+
+
 # -- the pipeline ---------------------------------------------------------------------------------------
 
 
@@ -310,7 +374,9 @@ class PredictionPipeline:
         self.metrics = metrics
         self.seconds_per_task: float | None = None   # running average over calls, for budgets
         self.decode_min_side = _decode_min_side(settings, predictor, self.region_config)
-        self._model_lock = threading.Lock()
+        self.gate = ModelGate()
+        self.bulk_model_images = settings.bulk_model_images or \
+            (settings.batch_size if _on_gpu(settings, predictor) else 1)
         self._report_lock = threading.Lock()
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=settings.fetch_workers,
                                                            thread_name_prefix="gem-fetch")
@@ -372,6 +438,13 @@ class PredictionPipeline:
         """
         if not isinstance(job, PredictionJob):
             job = self.prepare(job)
+        if not job.stored:
+            with self.gate.interactive_call():
+                return self._predict(tasks, job, deadline)
+        return self._predict(tasks, job, deadline)
+
+    def _predict(self, tasks: Sequence[Mapping[str, Any]], job: PredictionJob,
+                 deadline: float | None) -> tuple[list[dict], PredictReport]:
         started = time.monotonic()
         report = PredictReport(interactive=job.prompts.interactive, stored=job.stored, prompts=job.all_prompts)
         predictions: list[dict | None] = [None] * len(tasks)
@@ -470,17 +543,28 @@ class PredictionPipeline:
         if not fetched:
             return
         order = [(i, name) for i in fetched for name in fetched[i]]
-        encoded = self._encode([fetched[i][name].image for i, name in order], report)
+        interactive = not job.stored
+        images = [fetched[i][name].image for i, name in order]
+        if interactive:
+            encoded = self._encode(images, report, interactive=True)
+        else:
+            # Bulk work holds the model one small call at a time, so the annotator never waits long.
+            step = self.bulk_model_images
+            encoded = [e for k in range(0, len(images), step)
+                       for e in self._encode(images[k:k + step], report, interactive=False)]
         per_task: dict[int, list[tuple[list[dict], list[float]]]] = {}
         for (i, name), (enc, error) in zip(order, encoded):
             if isinstance(predictions[i], dict):
                 continue
+            if not interactive:
+                self.gate.pause_for_interactive()
             if error is not None:
                 self._fail(job, report, predictions, i, error.reason, str(error))
                 continue
             try:
                 per_task.setdefault(i, []).append(
-                    self._predict_image(enc, fetched[i][name], job.prompts.for_image(name), job, report))
+                    self._predict_image(enc, fetched[i][name], job.prompts.for_image(name), job, report,
+                                        job.prompts.exemplars.get(name, ())))
             except TaskError as exc:
                 self._fail(job, report, predictions, i, exc.reason, str(exc))
             except Exception as exc:  # a bug or bad region must not take down the whole batch
@@ -497,12 +581,13 @@ class PredictionPipeline:
             outcome = report.outcomes[i]
             outcome.results, outcome.score = len(results), score
 
-    def _encode(self, images: list, report: PredictReport) -> list[tuple[Any, TaskError | None]]:
+    def _encode(self, images: list, report: PredictReport,
+                interactive: bool = False) -> list[tuple[Any, TaskError | None]]:
         """(encoded, None) or (None, error) per image. A failed batch is retried one image at a
         time, so one image the model cannot take fails alone."""
         started = time.perf_counter()
         try:
-            with self._model_lock:
+            with self.gate.model(interactive):
                 encoded = list(self.predictor.encode(images, batch_size=self.settings.batch_size))
             return [(e, None) for e in encoded]
         except Exception as exc:
@@ -512,88 +597,69 @@ class PredictionPipeline:
             logger.warning("batch encode failed (%s: %s); retrying images one by one", type(exc).__name__, exc)
         finally:
             self._time(report, "model", time.perf_counter() - started)
-        return [self._encode([image], report)[0] for image in images]
+        return [self._encode([image], report, interactive)[0] for image in images]
 
     def _predict_image(self, encoded: Any, image: FetchedImage, controls: Sequence[ControlPrompts],
-                       job: PredictionJob, report: PredictReport) -> tuple[list[dict], list[float]]:
-        prompts = list(dict.fromkeys(p for c in controls for lp in c.labels for p in lp.prompts))
-        if not prompts:
+                       job: PredictionJob, report: PredictReport,
+                       exemplars: Sequence[Any] = ()) -> tuple[list[dict], list[float]]:
+        """Regions of one image for its controls. The one way a label's map is made, whatever shapes
+        it (typed or configured text, the project's learned state, example boxes and clicks):
+        `gem_model.exemplars.build_label_maps` on the patch grid, then the predictor's `upsample`
+        (PAMR when enabled, bilinear to the working size), then region extraction."""
+        from gem_model.exemplars import build_label_maps, exemplar_vectors
+
+        keys = list(dict.fromkeys((lp.label, lp.prompts) for c in controls for lp in c.labels))
+        if not keys:
             return [], []
+        prompts = list(dict.fromkeys(p for _, label_prompts in keys for p in label_prompts))
         region_config = job.region_config if job.region_config is not None else self.region_config
-        if job.learned_maps is not None:
-            return self._predict_image_learned(encoded, image, controls, job, report, prompts, region_config)
+        floor = region_config.min_similarity
+        visual = bool(exemplars) or job.learned_maps is not None
         started = time.perf_counter()
-        # Regions are made at a working resolution tied to the patch grid, then scaled to the image.
-        work = _working_size(self.predictor, encoded, image, region_config)
-        with self._model_lock:
-            similarity = np.asarray(self.predictor.similarity(encoded, prompts, output_size=work),
-                                    dtype=np.float32)                                        # [P, h, w]
+        with self.gate.model(not job.stored):
+            sims = np.asarray(self.predictor.grid_similarity(encoded, prompts), dtype=np.float32) \
+                if prompts else None                                                          # [P, h, w]
+            features = np.asarray(self.predictor.patch_embeddings(encoded), dtype=np.float32) \
+                if visual else None                                                           # [h, w, D]
         self._time(report, "model", time.perf_counter() - started)
-        if similarity.shape[1:] != work:
-            raise TaskError(f"similarity maps are {similarity.shape[1:]}, expected the working size {work} "
-                            f"for an image of {(image.height, image.width)}", reason="model")
+        started = time.perf_counter()
         index = {p: k for k, p in enumerate(prompts)}
+        vectors = exemplar_vectors(features, exemplars) if exemplars else None
+        grid_maps = []
+        for label, label_prompts in keys:
+            # A key is (label, prompts): one label may carry different prompts in two controls.
+            text_maps = {label: sims[[index[p] for p in label_prompts]].max(axis=0)} if label_prompts else {}
+            grid_maps.append(build_label_maps(features, [label], text_maps, floor, job.learned_maps, vectors)[0])
+        self._time(report, "postprocess", time.perf_counter() - started)
+        work = _working_size(self.predictor, encoded, image, region_config)
+        started = time.perf_counter()
+        with self.gate.model(not job.stored):
+            maps = np.asarray(self.predictor.upsample(np.stack(grid_maps), encoded, output_size=work),
+                              dtype=np.float32)                                               # [K, h, w]
+        self._time(report, "model", time.perf_counter() - started)
+        if maps.shape[1:] != work:
+            raise TaskError(f"label maps are {maps.shape[1:]}, expected the working size {work} "
+                            f"for an image of {(image.height, image.width)}", reason="model")
+        slot = {key: k for k, key in enumerate(keys)}
         rgb = None
         results: list[dict] = []
         scores: list[float] = []
-        extracted: dict[tuple, Any] = {}   # controls with the same labels and prompts share regions
+        extracted: dict[tuple, Any] = {}   # controls with the same labels, prompts and present regions share
         for control in controls:
-            group = tuple((lp.label, lp.prompts) for lp in control.labels)
+            present = job.prompts.present.get(control.control.name, ())
+            group = (tuple((lp.label, lp.prompts) for lp in control.labels), id(present) if present else None)
             if group not in extracted:
                 started = time.perf_counter()
-                # A label's heatmap is the max over its prompts' maps.
-                heatmaps = np.stack([similarity[[index[p] for p in lp.prompts]].max(axis=0)
-                                     for lp in control.labels])                               # [L, h, w]
+                heatmaps = maps[[slot[key] for key in group[0]]]                                 # [L, h, w]
+                if present:
+                    heatmaps = _without_present(heatmaps, present, work, floor)
                 if rgb is None:
                     rgb = _guide(image, work)
                 extracted[group] = self.extract(heatmaps, labels=[lp.label for lp in control.labels],
                                                 config=region_config, image=rgb,
-                                                prompts={lp.label: "; ".join(lp.prompts) for lp in control.labels},
+                                                prompts={lp.label: "; ".join(lp.prompts) or "example"
+                                                         for lp in control.labels},
                                                 size=(image.height, image.width))
-                scores.append(float(extracted[group].score))
-                self._time(report, "postprocess", time.perf_counter() - started)
-            started = time.perf_counter()
-            items = encode_regions(control.control, extracted[group].regions, image.width, image.height)
-            self._time(report, "encode", time.perf_counter() - started)
-            results.extend(items)
-        return results, scores
-
-    def _predict_image_learned(self, encoded: Any, image: FetchedImage, controls: Sequence[ControlPrompts],
-                               job: PredictionJob, report: PredictReport, prompts: list[str],
-                               region_config: Any) -> tuple[list[dict], list[float]]:
-        """`_predict_image` with the project's learned maps: text and prototype evidence are blended
-        on the patch grid (gem_model.learning), then upsampled as plain text maps are."""
-        started = time.perf_counter()
-        with self._model_lock:
-            features = self.predictor.patch_embeddings(encoded)                      # [h, w, D]
-            text = self.predictor.text_embeddings(prompts)                           # [P, D]
-        grid_sims = np.einsum("hwd,pd->phw", features, text)                         # [P, h, w]
-        self._time(report, "model", time.perf_counter() - started)
-        work = _working_size(self.predictor, encoded, image, region_config)
-        index = {p: k for k, p in enumerate(prompts)}
-        rgb = None
-        results: list[dict] = []
-        scores: list[float] = []
-        extracted: dict[tuple, Any] = {}
-        for control in controls:
-            group = tuple((lp.label, lp.prompts) for lp in control.labels)
-            if group not in extracted:
-                started = time.perf_counter()
-                labels = [lp.label for lp in control.labels]
-                text_maps = np.stack([grid_sims[[index[p] for p in lp.prompts]].max(axis=0)
-                                      for lp in control.labels])                              # [L, h, w]
-                grid_maps = job.learned_maps.heatmaps(features, text_maps, labels, region_config.min_similarity)
-                with self._model_lock:
-                    heatmaps = np.asarray(self.predictor.upsample(grid_maps, encoded, output_size=work),
-                                          dtype=np.float32)                                   # [L, h, w]
-                if heatmaps.shape[1:] != work:
-                    raise TaskError(f"learned maps are {heatmaps.shape[1:]}, expected the working size {work} "
-                                    f"for an image of {(image.height, image.width)}", reason="model")
-                if rgb is None:
-                    rgb = _guide(image, work)
-                extracted[group] = self.extract(heatmaps, labels=labels, config=region_config, image=rgb,
-                                                size=(image.height, image.width),
-                                                prompts={lp.label: "; ".join(lp.prompts) for lp in control.labels})
                 scores.append(float(extracted[group].score))
                 self._time(report, "postprocess", time.perf_counter() - started)
             started = time.perf_counter()
@@ -641,6 +707,18 @@ class PredictionPipeline:
                 self.metrics.task_errors.inc(reason=outcome.reason or "unknown")
 
 
+def _on_gpu(settings: Settings, predictor: Any) -> bool:
+    """Whether the model runs on an accelerator: its own device when it says, else the setting."""
+    device = getattr(getattr(predictor, "model", None), "device", None)
+    if device is not None:
+        return str(device) != "cpu"
+    if settings.device == "auto":
+        import torch
+
+        return bool(torch.cuda.is_available())
+    return settings.device != "cpu"
+
+
 def task_id(task: Any) -> Any:
     return task.get("id") if isinstance(task, Mapping) else None
 
@@ -662,6 +740,31 @@ def _working_size(predictor: Any, encoded: Any, image: FetchedImage, region_conf
     from gem_model.regions import working_size
 
     return working_size((image.height, image.width), predictor.grid_size(encoded), region_config)
+
+
+def _without_present(heatmaps: np.ndarray, present: Sequence[Mapping[str, Any]], size: tuple[int, int],
+                     floor: float) -> np.ndarray:
+    """The maps with every label pushed below the floor where a region already in the context lies,
+    so a suggestion never repeats what the annotator has (accepted regions, their own example box)."""
+    from .decode import item_mask, item_size
+
+    covered = np.zeros(size, dtype=bool)
+    for item in present:
+        if str(item.get("type", "")).lower() == "brushlabels":
+            # A brush RLE only decodes at the size it was drawn on.
+            drawn = item_size(item)
+            mask = item_mask(item, *drawn) if drawn else None
+            if mask is not None and mask.shape != size:
+                mask = np.asarray(Image.fromarray(mask).resize((size[1], size[0]), Image.NEAREST))
+        else:
+            mask = item_mask(item, size[0], size[1])
+        if mask is not None:
+            covered |= mask
+    if not covered.any():
+        return heatmaps
+    out = heatmaps.copy()
+    out[:, covered] = np.minimum(out[:, covered], floor - 1.0)
+    return out
 
 
 def _guide(image: FetchedImage, size: tuple[int, int]) -> np.ndarray:

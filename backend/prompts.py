@@ -13,6 +13,13 @@ Rules (docs/BACKEND.md repeats them for users):
 * An interactive request (a `context` object is present) with no free text predicts NOTHING.
   Label Studio's UI sends one on Submit with Auto-Annotation on (`{"result": []}`); answering it
   with every label would show the just-submitted regions again as new suggestions.
+* Example boxes and clicks (docs/INTERACTIVE.md): in an interactive call, a region of a smart
+  `RectangleLabels` or of a `KeyPointLabels` in the context is an exemplar of its label (matched to
+  the output controls' labels like free text: by value ignoring case, else the first label). The
+  label is then predicted from those examples (and its typed text, if any). A keypoint with
+  `is_positive` false, or a box of a label marked `negative="true"`, is a negative example.
+  Regions already in the context (accepted suggestions, the example boxes themselves) are not
+  suggested again in their control.
 * Only when the project opts in (GEM_REMEMBER_PROMPTS, off by default) the last free text per
   project is remembered in MODEL_DIR/prompts.json; batch predictions for that project then add
   it, attached to a label by the same rule, on top of the config's labels.
@@ -22,12 +29,15 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
+
+from gem_model.exemplars import Exemplar
 
 from .label_config import ControlSpec, PredictionPlan, normalize, split_prompts
 
@@ -56,6 +66,9 @@ class PromptPlan:
     controls: tuple[ControlPrompts, ...]
     free_text: Mapping[str, tuple[str, ...]]   # image name -> free-text prompts applied to it
     interactive: bool                           # a context came with this request (the labeling UI)
+    exemplars: Mapping[str, tuple[Exemplar, ...]] = field(default_factory=dict)   # image name -> examples
+    present: Mapping[str, tuple[Mapping[str, Any], ...]] = field(default_factory=dict)
+    # ^ output control name -> its regions already in the context: not suggested again
 
     def for_image(self, image_name: str) -> tuple[ControlPrompts, ...]:
         return tuple(c for c in self.controls if c.control.to_name == image_name)
@@ -90,6 +103,88 @@ def free_text_from_context(context: Any, plan: PredictionPlan) -> dict[str, tupl
     return {name: _dedupe(prompts) for name, prompts in found.items() if prompts}
 
 
+REGION_TYPES = ("brushlabels", "polygonlabels", "rectanglelabels")
+
+
+def _context_items(context: Any) -> list[Mapping[str, Any]]:
+    items = context.get("result") if isinstance(context, Mapping) else None
+    return [i for i in items if isinstance(i, Mapping)] if isinstance(items, list) else []
+
+
+def _percent(value: Mapping[str, Any], key: str) -> float | None:
+    number = value.get(key)
+    if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number):
+        return None
+    return float(number) / 100.0
+
+
+def _resolve_label(plan: PredictionPlan, image: str, text: str) -> str | None:
+    """The output label an example's label stands for: the first control label equal to it
+    (ignoring case, prompts included), else the first label of the image's first control."""
+    controls = [c for c in plan.controls if c.to_name == image]
+    for control in controls:
+        found = control.find_label(text)
+        if found is not None:
+            return found.value
+    return controls[0].labels[0].value if controls else None
+
+
+def exemplars_from_context(context: Any, plan: PredictionPlan) -> dict[str, tuple[Exemplar, ...]]:
+    """Image name -> example boxes and clicks, from `params.context.result` of an interactive call.
+
+    Items are Label Studio regions of the plan's exemplar inputs (percent coordinates, the label
+    in `value[type]`); malformed ones are skipped with a log line, never raised."""
+    image_names = [i.name for i in plan.images]
+    found: dict[str, list[Exemplar]] = {}
+    for item in _context_items(context):
+        kind = str(item.get("type", "")).lower()
+        source = plan.exemplar_input(str(item.get("from_name", "")))
+        if source is None or kind not in ("rectanglelabels", "keypointlabels"):
+            continue
+        if item.get("origin") == "prediction":
+            # Label Studio sends every region of a smart control, pre-annotations included: those
+            # are the model's own guesses, not examples (they still count as present regions).
+            continue
+        value = item.get("value")
+        labels = value.get(kind) if isinstance(value, Mapping) else None
+        text = labels[0] if isinstance(labels, list) and labels and isinstance(labels[0], str) else None
+        x, y = (_percent(value, "x"), _percent(value, "y")) if isinstance(value, Mapping) else (None, None)
+        if x is None or y is None:
+            logger.info("exemplar item of %s skipped: no numeric value.x / value.y", source.name)
+            continue
+        targets = [item.get("to_name")] if item.get("to_name") in image_names else             [source.to_name] if source.to_name in image_names else image_names
+        for image in targets:
+            negative_label = text is not None and text in source.negatives
+            label = None if negative_label or text is None else _resolve_label(plan, image, text)
+            positive = not negative_label and item.get("is_positive", True) not in (False, 0, "false", "0")
+            if label is None and positive:
+                label = _resolve_label(plan, image, "")
+            try:
+                if source.kind == "point" or kind == "keypointlabels":
+                    exemplar = Exemplar(label, positive, point=(x, y))
+                else:
+                    w, h = _percent(value, "width"), _percent(value, "height")
+                    if w is None or h is None or w <= 0 or h <= 0:
+                        logger.info("exemplar box of %s skipped: no positive width/height", source.name)
+                        continue
+                    exemplar = Exemplar(label, positive, box=(x, y, x + w, y + h))
+            except ValueError as exc:
+                logger.info("exemplar of %s skipped: %s", source.name, exc)
+                continue
+            found.setdefault(image, []).append(exemplar)
+    return {name: tuple(dict.fromkeys(items)) for name, items in found.items()}
+
+
+def present_regions(context: Any, plan: PredictionPlan) -> dict[str, tuple[Mapping[str, Any], ...]]:
+    """Output control name -> the region items of that control already in the context."""
+    names = {c.name for c in plan.controls}
+    present: dict[str, list[Mapping[str, Any]]] = {}
+    for item in _context_items(context):
+        if str(item.get("type", "")).lower() in REGION_TYPES and item.get("from_name") in names:
+            present.setdefault(str(item["from_name"]), []).append(item)
+    return {name: tuple(items) for name, items in present.items()}
+
+
 def label_prompts(control: ControlSpec, free_text: Iterable[str], include_config_labels: bool
                   ) -> tuple[LabelPrompts, ...]:
     """The labels one control predicts and each label's prompts (see the module rules)."""
@@ -111,15 +206,27 @@ def plan_prompts(plan: PredictionPlan, context: Any, remembered: tuple[str, ...]
     """What to predict. `context` is None for batch calls; any context object makes the call
     interactive, and an interactive call predicts only the text typed in it (possibly nothing)."""
     interactive = context is not None
+    exemplars: dict[str, tuple[Exemplar, ...]] = {}
+    present: dict[str, tuple[Mapping[str, Any], ...]] = {}
     if interactive:
         free_text = free_text_from_context(context, plan)
+        exemplars = exemplars_from_context(context, plan)
+        present = present_regions(context, plan)
     else:
         free_text = {i.name: remembered for i in plan.images} if remembered else {}
-    controls = tuple(
-        ControlPrompts(c, label_prompts(c, free_text.get(c.to_name, ()), include_config_labels=not interactive))
-        for c in plan.controls)
+    controls = []
+    for c in plan.controls:
+        labels = list(label_prompts(c, free_text.get(c.to_name, ()), include_config_labels=not interactive))
+        own = {lp.label for lp in labels}
+        values = {label.value for label in c.labels}
+        for exemplar in exemplars.get(c.to_name, ()):
+            # A label with a positive example is predicted even when nothing was typed for it.
+            if exemplar.positive and exemplar.label in values and exemplar.label not in own:
+                labels.append(LabelPrompts(exemplar.label, ()))
+                own.add(exemplar.label)
+        controls.append(ControlPrompts(c, tuple(labels)))
     return PromptPlan(controls=tuple(c for c in controls if c.labels), free_text=free_text,
-                      interactive=interactive)
+                      interactive=interactive, exemplars=exemplars, present=present)
 
 
 def _dedupe(prompts: Iterable[str]) -> tuple[str, ...]:

@@ -210,6 +210,10 @@ class Settings:
                          parse=_choice(PROTOCOLS), group="Model")
     batch_size: int = knob("GEM_BATCH_SIZE", 8, "images encoded per model call", unit="images",
                            parse=_int(1, 1024), group="Model")
+    bulk_model_images: int = knob("GEM_BULK_MODEL_IMAGES", 0,
+                                  "images per model call in bulk work (Retrieve, background finisher), which "
+                                  "yields to interactive calls between calls; 0 = 1 on CPU, GEM_BATCH_SIZE on GPU",
+                                  unit="images", parse=_int(0, 1024), group="Model")
     torch_threads: int = knob("GEM_TORCH_THREADS", 0,
                               "CPU threads torch may use in each worker process; 0 = torch's default (all "
                               "cores). With several workers on one host give each cores / WORKERS",

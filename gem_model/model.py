@@ -469,15 +469,25 @@ class GemModel(nn.Module):
             raise InvalidInputError("these features were encoded without return_ori=True")
         text = self.encode_text(prompts).to(tokens.device)                     # [P, D]
         sims = torch.einsum("bhwd,pd->bphw", tokens, text)                      # [B, P, h, w]
+        sims = self.grid_to_image(features, sims, output_size)
+        return minmax_normalize(sims) if normalize else sims
+
+    @torch.inference_mode()
+    def grid_to_image(self, features: ImageFeatures, maps: torch.Tensor,
+                      output_size: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        """Maps on the patch grid [B, K, h, w] -> [B, K, H, W] at `output_size` (default: the input's
+        size): PAMR when enabled, then bilinear. Every map (text, prototype, exemplar) goes through
+        here, so refinement is the same whatever the map came from."""
         size = tuple(output_size or features.input_size)
+        maps = maps.to(features.gem.device)
         if self.pamr_iters and features.guide is not None:
             # PAMR at the model input's resolution, guided by that image (its per-channel
             # normalisation cancels in PAMR's affinities).
-            sims = F.interpolate(sims, size=features.input_size, mode="bilinear", align_corners=False)
-            sims = pamr(features.guide, sims, iterations=self.pamr_iters, dilations=self.pamr_dilations)
-        if sims.shape[-2:] != size:
-            sims = F.interpolate(sims, size=size, mode="bilinear", align_corners=False)
-        return minmax_normalize(sims) if normalize else sims
+            maps = F.interpolate(maps, size=features.input_size, mode="bilinear", align_corners=False)
+            maps = pamr(features.guide, maps, iterations=self.pamr_iters, dilations=self.pamr_dilations)
+        if maps.shape[-2:] != size:
+            maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+        return maps
 
     @torch.inference_mode()
     def embedding_similarity(self, features: ImageFeatures, embeddings: torch.Tensor,
@@ -489,10 +499,7 @@ class GemModel(nn.Module):
         if embeddings.dim() != 2 or embeddings.shape[1] != tokens.shape[-1]:
             raise InvalidInputError(f"embeddings must be [K, {tokens.shape[-1]}], got {tuple(embeddings.shape)}")
         sims = torch.einsum("bhwd,kd->bkhw", tokens, F.normalize(embeddings, dim=-1))
-        size = tuple(output_size or features.input_size)
-        if sims.shape[-2:] != size:
-            sims = F.interpolate(sims, size=size, mode="bilinear", align_corners=False)
-        return sims
+        return self.grid_to_image(features, sims, output_size)
 
     def forward(self, images: torch.Tensor, prompts: Sequence[str], normalize: bool = True,
                 return_ori: bool = False) -> torch.Tensor:

@@ -178,6 +178,14 @@ class HeatmapPredictor:
         with self._lock:
             return self.model.encode_text(prompts).float().cpu().numpy()
 
+    def grid_similarity(self, encoded: EncodedImage, prompts: Sequence[str]) -> np.ndarray:
+        """Raw cosine similarity maps [P, h, w] (float32) on the patch grid, before any upsampling or
+        refinement: what label maps are built from (gem_model/exemplars.py), then `upsample`d."""
+        with self._lock:
+            text = self.model.encode_text(prompts).to(encoded.features.gem.device)
+            sims = torch.einsum("hwd,pd->phw", encoded.features.gem[0].float(), text.float())
+        return sims.cpu().numpy()
+
     def similarity_to(self, encoded: EncodedImage, embeddings) -> np.ndarray:
         """Cosine similarity maps [K, H0, W0] against arbitrary vectors [K, D] (normalised like text
         embeddings), at the resolution `similarity` answers."""
@@ -187,16 +195,17 @@ class HeatmapPredictor:
 
     def upsample(self, grid_maps, encoded: EncodedImage,
                  output_size: Optional[tuple[int, int]] = None) -> np.ndarray:
-        """Maps on the patch grid [K, h, w] -> [K, H0, W0] (or `output_size`), resampled exactly as
-        `similarity` does."""
+        """Maps on the patch grid [K, h, w] -> [K, H0, W0] (or `output_size`), refined (PAMR) and
+        resampled exactly as `similarity` does: any map built on the grid is treated like a text map."""
         maps = torch.as_tensor(np.asarray(grid_maps, dtype=np.float32))
         if maps.dim() != 3:
             raise InvalidInputError(f"grid maps must be [K, h, w], got {tuple(maps.shape)}")
+        if tuple(maps.shape[-2:]) != self.grid_size(encoded):
+            raise InvalidInputError(f"grid maps are {tuple(maps.shape[-2:])}, the patch grid is {self.grid_size(encoded)}")
         size = tuple(int(v) for v in (output_size or encoded.original_size))
-        if tuple(maps.shape[-2:]) != size:
-            maps = torch.nn.functional.interpolate(maps[None], size=size, mode="bilinear",
-                                                   align_corners=False)[0]
-        return maps.numpy()
+        with self._lock:
+            out = self.model.grid_to_image(encoded.features, maps[None], output_size=size)
+        return out[0].float().cpu().numpy()
 
     def grid_size(self, encoded: EncodedImage) -> tuple[int, int]:
         """(rows, cols) of the model's patch grid for this image: what the maps really resolve."""

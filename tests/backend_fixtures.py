@@ -49,6 +49,7 @@ MIXED_CONFIG = """<View>
 class FakeEncoded:
     brightness: np.ndarray                 # float32 [H0, W0] in 0..1
     original_size: tuple[int, int]
+    rgb: np.ndarray | None = None          # float32 [H0, W0, 3] in 0..1
 
 
 class FakePredictor:
@@ -56,7 +57,8 @@ class FakePredictor:
 
     def __init__(self, fail_on_size: tuple[int, int] | None = None):
         self.encode_calls: list[int] = []   # batch length per encode() call
-        self.similarity_calls: list[tuple[str, ...]] = []
+        self.similarity_calls: list[tuple[str, ...]] = []   # prompts matched, per call
+        self.upsample_calls = 0
         self.fail_on_size = fail_on_size
         self.active = 0
         self.max_active = 0
@@ -80,7 +82,8 @@ class FakePredictor:
                 if self.fail_on_size and image.size == self.fail_on_size:
                     raise ValueError("fake model rejects this size")
                 gray = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
-                out.append(FakeEncoded(gray, gray.shape))
+                rgb = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+                out.append(FakeEncoded(gray, gray.shape, rgb))
             return out
         finally:
             self._leave()
@@ -88,6 +91,21 @@ class FakePredictor:
     def grid_size(self, encoded):
         """The fake's maps are pixel-exact: its "grid" is the image, so regions are made at its size."""
         return tuple(encoded.original_size)
+
+    def grid_similarity(self, encoded, prompts):
+        return self.similarity(encoded, prompts)
+
+    def patch_embeddings(self, encoded):
+        """Unit colour vectors per pixel (a dim constant keeps black a direction): like colours match."""
+        rgb = encoded.rgb if encoded.rgb is not None else np.repeat(encoded.brightness[..., None], 3, axis=2)
+        features = np.concatenate([rgb, np.full(rgb.shape[:2] + (1,), 0.1, np.float32)], axis=2)
+        return features / np.linalg.norm(features, axis=2, keepdims=True)
+
+    def upsample(self, grid_maps, encoded, output_size=None):
+        h, w = encoded.original_size
+        assert output_size in (None, (h, w)), "the fake makes maps at the encoded size only"
+        self.upsample_calls += 1
+        return np.asarray(grid_maps, dtype=np.float32)
 
     def similarity(self, encoded, prompts, output_size=None):
         self._enter()

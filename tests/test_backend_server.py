@@ -195,7 +195,7 @@ def test_one_failing_task_gets_an_empty_prediction_in_order(tmp_path, ls):
     ls.image("/data/upload/1/corrupt.png", b"not an image at all", require="Token secret-token")
     predictor = FakePredictor()
     client = make_app(tmp_path, predictor, LABEL_STUDIO_URL=ls.url, LABEL_STUDIO_API_KEY="secret-token",
-                      GEM_BATCH_SIZE="2")[0].test_client()
+                      GEM_BATCH_SIZE="2", GEM_BULK_MODEL_IMAGES="2")[0].test_client()
     tasks = [task(1, "/data/upload/1/good.png"), task(2, "/data/upload/1/missing.png"),
              task(3, "/data/upload/1/good.png"), {"id": 4, "data": {"other": "x"}},
              task(5, "/data/upload/1/corrupt.png"), task(6, "/data/upload/1/good.png"), {"id": 7}]

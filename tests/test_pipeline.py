@@ -113,7 +113,7 @@ def test_the_pace_of_earlier_calls_is_used_at_once(tmp_path):
     predictions, report = pipeline.predict(_tasks(8), pipeline.prepare(BRUSH_CONFIG),
                                            deadline=time.monotonic() + 0.01)
     assert report.deferred == list(range(8))                  # not even the first batch fits
-    assert pipeline.predictor.encode_calls == [4]
+    assert pipeline.predictor.encode_calls == [1, 1, 1, 1]    # the first call's 4 images, one per model call
 
 
 def test_learned_prompts_and_version_come_in_as_data(tmp_path):

@@ -124,7 +124,7 @@ def test_interrupted_run_then_rerun_stores_each_task_once(tmp_path, fake_ls):
     fake_ls.add_tasks(_images(12))
     settings = _settings(tmp_path, fake_ls)
     with pytest.raises(KeyboardInterrupt):
-        _run(settings, fake_ls, pipeline=_pipeline(settings, CountingPredictor(interrupt_at=4)))
+        _run(settings, fake_ls, pipeline=_pipeline(settings, CountingPredictor(interrupt_at=8)))   # bulk: one image per model call
     stored_before = len(fake_ls.predictions)
     assert 0 < stored_before < 12
     # the interrupted run left no claim behind on the tasks it did not store (those it stored keep a

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from e2e_support import (CONTROL_TYPES, RecordingProxy, check, encode_png, labeling_config, pattern_image,
                          wait_until)
@@ -307,3 +308,143 @@ def _trim(value: Any, depth: int = 0) -> Any:
     if isinstance(value, str) and len(value) > 200:
         return value[:120] + f"... ({len(value)} characters)"
     return value
+
+
+# -- example boxes and clicks (smart tools) ----------------------------------------------------------
+
+SMART_CONFIG = (
+    '<View>'
+    '<Image name="image" value="$image"/>'
+    '<RectangleLabels name="rect" toName="image" smart="true" smartOnly="true"><Label value="disc"/><Label value="stripes"/>'
+    '<Label value="not this" negative="true"/></RectangleLabels>'
+    '<KeyPointLabels name="kp" toName="image" smart="true" smartOnly="true"><Label value="disc"/><Label value="stripes"/>'
+    '</KeyPointLabels>'
+    '<BrushLabels name="brush" toName="image"><Label value="disc"/><Label value="stripes"/></BrushLabels>'
+    '<PolygonLabels name="poly" toName="image"><Label value="disc"/><Label value="stripes"/></PolygonLabels>'
+    '</View>'
+)
+SCENE_SIZE = (320, 240)
+SCENE_DISCS = [(30, 30, 100, 100), (200, 20, 270, 90), (120, 140, 190, 210)]   # three like objects
+SCENE_SQUARES = [(230, 150, 290, 210), (20, 150, 80, 210)]                      # unlike (blue)
+SCENE_LOOKALIKE = (140, 40, 190, 90)                                            # orange: like the discs
+
+
+def smart_scene():
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", SCENE_SIZE, (20, 20, 30))
+    draw = ImageDraw.Draw(image)
+    for box in SCENE_DISCS:
+        draw.ellipse(box, fill=(240, 220, 40))
+    for box in SCENE_SQUARES:
+        draw.rectangle(box, fill=(40, 80, 230))
+    draw.rectangle(SCENE_LOOKALIKE, fill=(250, 170, 40))
+    return image
+
+
+@pytest.fixture(scope="module")
+def smart_backend(start_backend, _label_studio_process):
+    # 160 px model input: the tiny test model's 8 px patches then resolve 70 px objects.
+    return start_backend("smart", LABEL_STUDIO_API_KEY=_label_studio_process[1].legacy_token, GEM_IMAGE_SIZE="160")
+
+
+@pytest.fixture(scope="module")
+def smart_proxy(smart_backend):
+    with RecordingProxy(smart_backend.url) as recording:
+        yield recording
+
+
+@pytest.fixture(scope="module")
+def smart_project(ls, smart_proxy) -> dict:
+    project_id = ls.create_project("e2e exemplars", SMART_CONFIG)
+    ls.upload_files(project_id, {
+        "box": ("box.png", encode_png(smart_scene()), "image/png"),
+        "click": ("click.png", encode_png(smart_scene()), "image/png"),
+    })
+    tasks = sorted(ls.tasks(project_id), key=lambda t: t["id"])
+    ml = check(ls.add_ml_backend(project_id, smart_proxy.url, is_interactive=True), 201).json()
+    return {"id": project_id, "tasks": [t["id"] for t in tasks], "ml": ml["id"]}
+
+
+def _image_point(page, x: float, y: float) -> tuple[float, float]:
+    """Page coordinates of image pixel (x, y): the labeling canvas is the image, scaled to fit."""
+    stage = page.locator(".konvajs-content").first.bounding_box()
+    scale = stage["width"] / SCENE_SIZE[0]
+    return stage["x"] + x * scale, stage["y"] + y * scale
+
+
+def _interactive_calls(proxy, since: int, kind: str) -> list:
+    return [c for c in proxy.calls()[since:]
+            if (c.body["params"].get("context") or {}).get("result")
+            and any(i.get("type") == kind for i in c.body["params"]["context"]["result"])]
+
+
+def _covers(results: list[dict], box, kind="brushlabels") -> float:
+    from backend.decode import item_mask
+
+    width, height = SCENE_SIZE
+    masks = [item_mask(i, height, width) for i in results if i["type"] == kind]
+    mask = np.any(masks, axis=0) if masks else np.zeros((height, width), bool)
+    x0, y0, x1, y1 = box
+    return float(mask[y0 + 15:y1 - 15, x0 + 15:x1 - 15].mean())
+
+
+def _open_smart_task(page, label_studio, project, task) -> None:
+    page.goto(f"{label_studio.url}/projects/{project['id']}/data?task={task}")
+    page.wait_for_selector(".konvajs-content")
+    if not page.locator(AUTO_ANNOTATION).is_checked():
+        page.get_by_text("Auto-Annotation", exact=True).click()
+    assert page.locator(AUTO_ANNOTATION).is_checked()
+
+
+def test_one_example_box_suggests_every_like_object(
+        page, ui_calls, label_studio, ls, smart_proxy, smart_project, browser_artifacts, browser_timing):
+    steps = Steps("exemplar-box", page, ui_calls, smart_proxy, browser_artifacts)
+    task = smart_project["tasks"][0]
+    _open_smart_task(page, label_studio, smart_project, task)
+    time.sleep(2)
+    regions_before = sum(map(len, regions(page).values()))
+    steps.done("opened")
+
+    # The rectangle control's "disc" label, the Auto-Detect tool (hotkey M: its first smart tool,
+    # the rectangle), then a box drawn around the first disc.
+    page.get_by_text("disc", exact=True).first.click()
+    page.keyboard.press("m")
+    before = len(smart_proxy.calls())
+    x0, y0, x1, y1 = SCENE_DISCS[0]
+    start, end = _image_point(page, x0 - 4, y0 - 4), _image_point(page, x1 + 4, y1 + 4)
+    page.mouse.move(*start)
+    page.mouse.down()
+    page.mouse.move((start[0] + end[0]) / 2, (start[1] + end[1]) / 2, steps=5)
+    page.mouse.move(*end, steps=5)
+    page.mouse.up()
+    (call,) = wait_until(lambda: _interactive_calls(smart_proxy, before, "rectanglelabels"), timeout=60)[:1]
+    # Label Studio sends every region of the smart control: the pre-annotation boxes
+    # (origin "prediction") and the one just drawn (origin "manual").
+    items = call.body["params"]["context"]["result"]
+    (box,) = [i for i in items if i["type"] == "rectanglelabels" and i.get("origin") != "prediction"]
+    assert box["from_name"] == "rect" and box["value"]["rectanglelabels"] == ["disc"]
+    assert {"x", "y", "width", "height"} <= set(box["value"]) and box["original_width"] == SCENE_SIZE[0]
+    (answer,) = call.answer["results"]
+    suggested = answer["result"]
+    # Every disc, the example's own included, in the brush and polygon controls; boxes for the others.
+    assert all(_covers(suggested, d) > 0.8 for d in SCENE_DISCS), suggested
+    assert all(_covers(suggested, d, "polygonlabels") > 0.8 for d in SCENE_DISCS)
+    assert all(_covers(suggested, s) == 0 for s in SCENE_SQUARES)
+    # The rectangle control already holds a box on every disc (the pre-annotations, sent back in
+    # the context): none is suggested again.
+    assert not [i for i in suggested if i["type"] == "rectanglelabels"]
+    page.get_by_text(SUGGESTIONS).first.wait_for()
+    assert suggestion_count(page) == len(suggested)
+    steps.done("suggestions")
+
+    page.click(ACCEPT)
+    wait_until(lambda: suggestion_count(page) == 0, timeout=10)
+    steps.done("accepted")
+    page.click(SUBMIT)
+    annotations = wait_until(lambda: check(ls.get(f"/api/tasks/{task}/annotations/"), 200).json(), timeout=30)
+    (annotation,) = annotations
+    stored = [i for i in annotation["result"] if i["type"] in ("brushlabels", "polygonlabels", "rectanglelabels")]
+    assert all(_covers(stored, d) > 0.8 for d in SCENE_DISCS)
+    assert len(stored) >= regions_before + len(suggested)
+    steps.done("submitted")
