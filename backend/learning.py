@@ -15,6 +15,7 @@ suffix); the pipeline never calls back here.
 from __future__ import annotations
 
 import argparse
+import collections
 import fcntl
 import io
 import json
@@ -275,14 +276,51 @@ class LearnedState:
     maps: Any
 
 
+def learned_state_bytes(state: LearnedState) -> int:
+    """Bytes of a learned state's arrays (the prototype vectors dominate; the rest is small)."""
+    bank = getattr(state.maps, "bank", None)
+    if bank is None:
+        return 0
+    total = int(getattr(bank.background, "nbytes", 0))
+    for item in bank.labels.values():
+        total += int(item.positives.nbytes) + int(item.negatives.nbytes)
+    return total
+
+
 class LearnedStates:
-    """Per-project `LearnedState`, rebuilt from the store when its version counter moves."""
+    """Per-project `LearnedState`, rebuilt from the store when its version counter moves.
+
+    The states of the projects used most recently are kept, up to GEM_LEARNED_CACHE_MB: a server
+    that meets many projects over weeks keeps a bounded set; one pushed out is rebuilt from the store."""
 
     def __init__(self, store: LearningStore, settings: Settings):
         self.store = store
         self.settings = settings
-        self._cache: dict[str, tuple[int, LearnedState]] = {}
+        self.max_bytes = int(settings.learned_cache_mb * 2**20)
+        self._cache: "collections.OrderedDict[str, tuple[int, LearnedState, int]]" = collections.OrderedDict()
+        self._bytes = 0
         self._lock = threading.Lock()
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+    def _keep(self, project: str, version: int, state: LearnedState) -> None:
+        size = learned_state_bytes(state)
+        with self._lock:
+            old = self._cache.pop(project, None)
+            if old is not None:
+                self._bytes -= old[2]
+            if size > self.max_bytes:
+                return
+            self._cache[project] = (version, state, size)
+            self._bytes += size
+            while self._bytes > self.max_bytes:
+                _, (_, _, evicted) = self._cache.popitem(last=False)
+                self._bytes -= evicted
 
     def get(self, project: str | None) -> LearnedState | None:
         if not project:
@@ -297,10 +335,10 @@ class LearnedStates:
         with self._lock:
             cached = self._cache.get(project)
             if cached is not None and cached[0] == version:
+                self._cache.move_to_end(project)
                 return cached[1]
         state = self._build(project, version)
-        with self._lock:
-            self._cache[project] = (version, state)
+        self._keep(project, version, state)
         return state
 
     def project_learned(self, project: str | None):
