@@ -193,6 +193,7 @@ class DevServer(GunicornServer):
 class Sample:
     request: int
     rss_gib: float
+    anon_gib: float | None = None          # RssAnon: RSS less file-backed pages (library code the kernel may drop)
     feature_cache_mib: float | None = None
     heap_free_mib: float | None = None     # glibc: free bytes inside the heaps (fragmentation)
     heap_used_mib: float | None = None     # glibc: bytes handed out (malloc'ed, not yet freed)
@@ -225,6 +226,7 @@ class SoakResult:
         return {
             "path": self.path, "model": self.model, "image_size": self.image_size, "n": self.n,
             "rss_gib": {s.request: s.rss_gib for s in self.samples},
+            "anon_gib": {s.request: s.anon_gib for s in self.samples},
             "end_rss_gib": self.samples[-1].rss_gib if self.samples else None,
             "growth_second_half_gib": self.growth_second_half_gib(),
             "request_s_first20_median": round(float(np.median(first)), 3) if first else None,
@@ -253,10 +255,20 @@ def read_metrics(session: requests.Session, url: str) -> str:
         return ""
 
 
+def anon_gib(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return round(int(line.split()[1]) / 2**20, 3)
+    except OSError:
+        pass
+    return None
+
+
 def sample(session, url: str, pid: int, request: int) -> Sample:
     text = read_metrics(session, url)
     mib = lambda v: None if v is None else round(v / 2**20, 1)  # noqa: E731
-    return Sample(request, round(rss_mib(pid) / 1024, 3),
+    return Sample(request, round(rss_mib(pid) / 1024, 3), anon_gib(pid),
                   mib(metric(text, "gem_cache_bytes", cache="features")),
                   mib(metric(text, "gem_malloc_bytes", kind="free")),
                   mib(metric(text, "gem_malloc_bytes", kind="in_use")))
@@ -300,7 +312,7 @@ def soak_http(args, name: str, workdir: Path, photos: PhotoServer, log=print) ->
             if i in marks:
                 result.samples.append(sample(session, server.url, pid, i))
                 s = result.samples[-1]
-                log(f"  [{name}] after {i:5d}: RSS {s.rss_gib:.3f} GiB, feature cache {s.feature_cache_mib} MiB, "
+                log(f"  [{name}] after {i:5d}: RSS {s.rss_gib:.3f} GiB (anon {s.anon_gib}), feature cache {s.feature_cache_mib} MiB, "
                     f"heap free {s.heap_free_mib} MiB, last request {result.request_s[-1]:.2f} s")
     finally:
         server.stop()
@@ -377,7 +389,7 @@ def soak_background(args, workdir: Path, photos: PhotoServer, log=print) -> Soak
             while marks and done >= marks[0]:
                 result.samples.append(sample(session, backend.url, pid, marks.pop(0)))
                 s = result.samples[-1]
-                log(f"  [background] after {s.request:5d}: RSS {s.rss_gib:.3f} GiB, feature cache "
+                log(f"  [background] after {s.request:5d}: RSS {s.rss_gib:.3f} GiB (anon {s.anon_gib}), feature cache "
                     f"{s.feature_cache_mib} MiB, heap free {s.heap_free_mib} MiB")
             time.sleep(1.0)
         text = read_metrics(session, backend.url)
@@ -435,12 +447,13 @@ def soak_inprocess(args, workdir: Path, photos: PhotoServer, log=print) -> SoakR
         if i in marks:
             stats = memory.malloc_stats()
             cache = model.pipeline.predictor.cache.nbytes / 2**20 if model.pipeline else None
-            result.samples.append(Sample(i, round(rss_mib(os.getpid()) / 1024, 3), round(cache or 0, 1),
+            result.samples.append(Sample(i, round(rss_mib(os.getpid()) / 1024, 3), anon_gib(os.getpid()),
+                                         round(cache or 0, 1),
                                          round(stats["free"] / 2**20, 1) if stats else None,
                                          round(stats["in_use"] / 2**20, 1) if stats else None))
             s = result.samples[-1]
             traced = tracemalloc.get_traced_memory()[0] / 2**20 if args.tracemalloc else 0
-            log(f"  [inprocess] after {i:5d}: RSS {s.rss_gib:.3f} GiB, cache {s.feature_cache_mib} MiB, heap "
+            log(f"  [inprocess] after {i:5d}: RSS {s.rss_gib:.3f} GiB (anon {s.anon_gib}), cache {s.feature_cache_mib} MiB, heap "
                 f"in use {s.heap_used_mib} MiB, free {s.heap_free_mib} MiB, mmapped "
                 f"{(stats or {}).get('mmapped', 0) / 2**20:.1f} MiB, python traced {traced:.1f} MiB")
     if len(snaps) >= 2:
@@ -458,21 +471,40 @@ def soak_inprocess(args, workdir: Path, photos: PhotoServer, log=print) -> SoakR
 
 
 def plot(results: list[SoakResult], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for r in results:
-        ax.plot([s.request for s in r.samples], [s.rss_gib for s in r.samples], marker="o", label=r.path)
+    """The RSS curves as a PNG, drawn with Pillow (no plotting library needed)."""
+    width, height, left, right, top, bottom = 800, 450, 70, 20, 40, 50
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    points = [(s.request, s.rss_gib) for r in results for s in r.samples]
+    if not points:
+        return
+    x_max = max(p[0] for p in points)
+    y_lo, y_hi = min(p[1] for p in points), max(p[1] for p in points)
+    pad = max(0.05, (y_hi - y_lo) * 0.1)
+    y_lo, y_hi = y_lo - pad, y_hi + pad
+    sx = lambda x: left + (width - left - right) * x / max(1, x_max)  # noqa: E731
+    sy = lambda y: height - bottom - (height - top - bottom) * (y - y_lo) / (y_hi - y_lo)  # noqa: E731
+    draw.rectangle((left, top, width - right, height - bottom), outline="black")
+    for k in range(6):
+        y = y_lo + (y_hi - y_lo) * k / 5
+        draw.line((left - 4, sy(y), left, sy(y)), fill="black")
+        draw.text((4, sy(y) - 6), f"{y:.2f}", fill="black")
+        x = x_max * k / 5
+        draw.text((sx(x) - 10, height - bottom + 6), f"{int(x)}", fill="black")
+    colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
     r0 = results[0]
-    ax.set_xlabel("requests (distinct images)")
-    ax.set_ylabel("RSS of the serving process (GiB)")
-    ax.set_title(f"soak: {r0.model}, input {r0.image_size or 'default'} px, photos {r0.photo}")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    draw.text((left, 8), f"RSS (GiB) per request: {r0.model}, input {r0.image_size or 'default'} px, photos "
+                         f"{r0.photo}, N {r0.n}", fill="black")
+    draw.text((width // 2 - 60, height - 20), "requests (distinct images)", fill="black")
+    for i, r in enumerate(results):
+        colour = colours[i % len(colours)]
+        xy = [(sx(s.request), sy(s.rss_gib)) for s in r.samples]
+        if len(xy) > 1:
+            draw.line(xy, fill=colour, width=2)
+        for x, y in xy:
+            draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=colour)
+        draw.text((width - right - 150, top + 8 + 14 * i), f"-- {r.path}", fill=colour)
+    image.save(path)
 
 
 def main(argv: list[str] | None = None) -> int:
