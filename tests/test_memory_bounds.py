@@ -215,3 +215,11 @@ def test_malloc_stats_and_resident_bytes_read_this_process():
         after = memory.malloc_stats()
         assert after["in_use"] + after["mmapped"] >= stats["in_use"] + stats["mmapped"] + (4 << 20)
         del block
+
+
+def test_soak_samples_where_the_issue_asks_and_mixes_the_broken_kinds():
+    from bench.soak import BROKEN_KINDS, checkpoints, image_bytes
+    assert checkpoints(2000) == [1, 50] + list(range(200, 2001, 200))
+    kinds = [image_bytes(i, 80, 60, broken_every=10)[1] for i in range(60)]
+    assert kinds.count("ok") == 54 and set(kinds) - {"ok"} == set(BROKEN_KINDS)
+    assert image_bytes(0, 80, 60, 10)[0] != image_bytes(1, 80, 60, 10)[0]     # distinct images
