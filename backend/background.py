@@ -19,193 +19,378 @@ Exactly one prediction per task:
 """
 from __future__ import annotations
 
-import collections
+import hashlib
 import logging
+import os
+import sqlite3
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
-from .claims import ClaimStore
+from .claims import ClaimHolder, ClaimStore, Heartbeat
+from .label_config import LabelConfigError
 from .ls_client import LabelStudioClient, LabelStudioError, task_prediction_versions
+from .model import ModelNotReady
+from .outbox import COMPUTED, QUEUED, Breaker, Outbox, Row, backoff, unreachable
 from .pipeline import DEFERRED, PredictionJob, PredictionPipeline, PredictReport, TaskOutcome, task_id
 from .prompts import project_key
 
 logger = logging.getLogger("backend.background")
 
 # TaskOutcome.reason of tasks answered without `result` that are on their way, not failed.
-LATER_REASONS = frozenset({DEFERRED, "background", "stored"})
+LATER_REASONS = frozenset({DEFERRED, "background", "stored", "busy"})
 
 
-@dataclass
-class _Item:
-    task: dict
-    job: PredictionJob
-    project: int
+# Image failures that may only mean "Label Studio (which serves the image) is down": Label Studio is
+# asked before such a task is counted as failed.
+TRANSIENT_FETCH = frozenset({"connection", "timeout", "http_5xx"})
+STORE_ATTEMPTS = 5              # a prediction Label Studio keeps refusing (not unreachable) is given up after this
+ADOPT_EVERY_S = 30.0            # how often rows of dead processes are looked for
+
+
+def job_key(project: int, version: str, label_config: str) -> str:
+    return f"{project}|{version}|{hashlib.sha1(label_config.encode('utf-8', 'replace')).hexdigest()[:16]}"
 
 
 class BackgroundFinisher:
-    """A bounded queue of tasks and one worker thread that predicts and stores them.
+    """Predicts and stores tasks handed over by /predict, from a durable outbox (backend/outbox.py).
 
-    `pipeline()` returns the loaded pipeline; `client` stores predictions (None: finishing is
-    unavailable, `unavailable` says why). `max_queue` bounds the tasks waiting. Thread-safe.
+    `pipeline()` returns the loaded pipeline (ModelNotReady while loading: the worker waits);
+    `client` stores predictions (None: finishing is unavailable, `unavailable` says why);
+    `outbox` is MODEL_DIR's Outbox; `prepare(label_config, project_key)` rebuilds a job that a
+    previous process queued. `max_queue` bounds the rows. One worker thread; thread-safe.
+
+    Nothing computed is thrown away: a prediction is written to the outbox before it is stored,
+    and a task whose image or store failed because Label Studio is unreachable waits. While Label
+    Studio is unreachable (the breaker is open) nothing new is computed; a probe per back-off
+    period finds it back, and the worker goes on by itself. Rows left by a dead process (a
+    restart, a SIGKILL) are adopted through their claims, whose holder is then dead.
     """
 
     def __init__(self, pipeline: Callable[[], PredictionPipeline], client: LabelStudioClient | None,
                  claims: ClaimStore, max_queue: int, metrics: Any = None, unavailable: str = "",
-                 batch_tasks: int = 16):
+                 batch_tasks: int = 16, outbox: Outbox | None = None,
+                 prepare: Callable[[str, Any], PredictionJob] | None = None, retry_max_s: float = 30.0):
         self._pipeline = pipeline
         self.client = client
         self.claims = claims
+        self.holder = claims.holder("background")   # the queue's claims: handed over by requests
         self.max_queue = max_queue
         self.metrics = metrics
         self.unavailable = unavailable if client is None else ""
         if client is not None and max_queue <= 0:
             self.unavailable = "background finishing is off (GEM_BACKGROUND_QUEUE=0)"
+        if outbox is None and self.available:
+            path = os.path.join(os.path.dirname(os.path.abspath(claims.path)), "outbox.sqlite")
+            try:
+                outbox = Outbox(path)
+            except (OSError, sqlite3.Error) as exc:
+                self.unavailable = f"the background outbox {path} cannot be used: {exc}"
+                logger.warning("background finishing is off: %s", self.unavailable)
+        self.outbox = outbox
+        self._prepare = prepare
         self.batch_tasks = batch_tasks
+        self.retry_max_s = retry_max_s
+        self.breaker = Breaker("Label Studio", base_s=min(1.0, retry_max_s), max_s=retry_max_s,
+                               on_change=self._reachable_changed)
         self.counts = {"done": 0, "failed": 0, "skipped": 0, "dropped": 0}
-        self._queue: collections.deque[_Item] = collections.deque()
-        self._queued_ids: set[tuple[str, str]] = set()    # (task id, model version) waiting or in work
+        self._mine: set[tuple[str, str]] = set()      # outbox rows (task, version) this process works on
+        self._queued_ids = self._mine
+        self._jobs: dict[str, PredictionJob] = {}
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._beat = Heartbeat(self.holder)
+        self._adopted = 0.0
+        if metrics is not None and self.available:
+            metrics.label_studio_reachable.set(1)
+            metrics.before_render.append(self._set_gauge)
 
     @property
     def available(self) -> bool:
         return not self.unavailable
 
     def queued(self) -> int:
+        """Rows (waiting to be computed or stored) this process works on."""
         with self._cond:
-            return len(self._queue)
+            return len(self._mine)
 
     def is_queued(self, task: Any, model_version: str) -> bool:
+        """Whether the task is in the outbox (this process's or another's, computed or not)."""
         with self._cond:
-            return (str(task), model_version) in self._queued_ids
+            if (str(task), model_version) in self._mine:
+                return True
+        return self.outbox is not None and self.available and self.outbox.contains(task, model_version)
 
-    def submit(self, tasks: Sequence[Mapping[str, Any]], job: PredictionJob, project: int) -> list[bool]:
-        """Queue these tasks (already claimed by this process); per task, whether it was taken."""
-        taken = []
+    def resume(self) -> None:
+        """Start the worker if the outbox holds rows (a restart after a crash or a shutdown)."""
+        if not self.available or self.outbox is None:
+            return
+        sizes = self.outbox.sizes()
+        if sum(sizes.values()):
+            logger.info("background: the outbox holds %d tasks to predict and %d predictions to store from "
+                        "before; resuming", sizes[QUEUED], sizes[COMPUTED])
+            self._start()
+
+    def submit(self, tasks: Sequence[Mapping[str, Any]], job: PredictionJob, project: int,
+               label_config: str | None = None) -> list[bool]:
+        """Queue these tasks (their claims already handed to `self.holder`); per task, whether taken."""
         with self._cond:
-            if self._stopping or not self.available:
+            if self._stopping or not self.available or self.outbox is None:
                 return [False] * len(tasks)
-            for task in tasks:
-                if len(self._queue) >= self.max_queue:
-                    taken.append(False)
-                    continue
-                self._queue.append(_Item(dict(task), job, project))
-                self._queued_ids.add((str(task_id(task)), job.model_version))
-                taken.append(True)
-            self._set_gauge()
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="gem-background", daemon=True)
-                self._thread.start()
+        version = job.model_version
+        key = job_key(project, version, label_config or "")
+        self._jobs[key] = job
+        self.outbox.put_job(key, project, job.project, label_config or "", version)
+        taken = self.outbox.put_tasks(tasks, version, project, key, self.max_queue)
+        with self._cond:
+            self._mine.update((str(task_id(t)), version) for t, ok in zip(tasks, taken) if ok)
             self._cond.notify_all()
+        self._set_gauge()
+        self._start()
         if any(taken):
             logger.info("background: queued %d tasks of project %s (%d waiting)", sum(taken), project, self.queued())
         return taken
 
-    def close(self, timeout: float = 20.0) -> None:
-        """Stop taking work, let the batch in progress finish (up to `timeout`), drop the rest.
+    def _start(self) -> None:
+        with self._cond:
+            if self._thread is None and not self._stopping:
+                self._beat.start()
+                self._thread = threading.Thread(target=self._run, name="gem-background", daemon=True)
+                self._thread.start()
 
-        Dropped tasks lose their claims, so the next Retrieve Predictions asks for them again."""
+    def close(self, timeout: float = 20.0) -> None:
+        """Stop (the batch in progress may finish, up to `timeout`). The outbox keeps the rest for the next
+        start of the backend; the claims are released so another worker may take the rows at once."""
         with self._cond:
             self._stopping = True
-            dropped = list(self._queue)
-            self._queue.clear()
+            left = len(self._mine)
             self._cond.notify_all()
-        if dropped:
-            logger.info("background: shutting down, %d queued tasks left for the next Retrieve Predictions",
-                        len(dropped))
-            for item in dropped:
-                self.claims.release([task_id(item.task)], item.job.model_version)
-            self._count("dropped", len(dropped))
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
+        self._beat.stop()
+        if left:
+            logger.info("background: shutting down; %d tasks stay in the outbox and are finished after the next "
+                        "start", left)
+        self.holder.release_all()
         with self._cond:
-            self._queued_ids.clear()
-            self._set_gauge()
+            self._mine.clear()
+        self._set_gauge()
 
     # -- worker -------------------------------------------------------------------------------
 
-    def _take(self) -> list[_Item]:
+    def _sleep(self, seconds: float) -> None:
         with self._cond:
-            while not self._queue and not self._stopping:
-                self._cond.wait()
-            if self._stopping:
-                return []
-            first = self._queue.popleft()
-            batch = [first]
-            while self._queue and len(batch) < self.batch_tasks and self._queue[0].job is first.job:
-                batch.append(self._queue.popleft())
-            self._set_gauge()
-            waiting = [(task_id(i.task), i.job.model_version) for i in self._queue]
-        # Long queues stay claimed: push back the lease of everything still waiting.
-        by_version: dict[str, list] = {}
-        for tid, version in waiting:
-            by_version.setdefault(version, []).append(tid)
-        for version, ids in by_version.items():
-            self.claims.renew(ids, version)
-        return batch
+            if not self._stopping:
+                self._cond.wait(max(0.01, seconds))
+
+    def _stopped(self) -> bool:
+        with self._cond:
+            return self._stopping
 
     def _run(self) -> None:
-        while True:
-            batch = self._take()
-            if not batch:
-                return
+        while not self._stopped():
             try:
-                self._finish(batch)
-            except Exception:   # never let one batch end the worker
-                logger.exception("background: a batch of %d tasks failed", len(batch))
-                self._count("failed", len(batch))
-            finally:
-                version = batch[0].job.model_version
-                ids = [task_id(i.task) for i in batch]
-                self.claims.release(ids, version)
-                with self._cond:
-                    self._queued_ids.difference_update((str(t), version) for t in ids)
-            logger.info("background: %d done, %d failed, %d skipped so far; %d waiting",
-                        self.counts["done"], self.counts["failed"], self.counts["skipped"], self.queued())
-
-    def _finish(self, batch: list[_Item]) -> None:
-        job = batch[0].job
-        stored: list = []
-        try:
-            self._predict_and_store(batch, job, stored)
-        finally:
-            # Stored tasks keep a short marker so a /predict that Label Studio prepared before they
-            # were stored does not compute them again; the rest are released by _run.
-            self.claims.mark_stored(stored, job.model_version)
-
-    def _predict_and_store(self, batch: list[_Item], job: PredictionJob, stored: list) -> None:
-        predictions, report = self._pipeline().predict([i.task for i in batch], job)
-        for item, prediction, outcome in zip(batch, predictions, report.outcomes):
-            tid = task_id(item.task)
-            if not outcome.ok or "result" not in prediction:
-                logger.warning("background: task %s failed: %s", tid, outcome.message)
-                self._count("failed")
-                continue
-            try:
-                if self.client.has_prediction(tid, prediction["model_version"]):   # type: ignore[union-attr]
-                    self._count("skipped")
-                    stored.append(tid)
+                if not self.breaker.ready():
+                    self._sleep(self.breaker.wait_s())
                     continue
-                self.client.create_prediction(tid, prediction["result"], prediction["score"],  # type: ignore
-                                              prediction["model_version"])
-                stored.append(tid)
-                self._count("done")
+                if not self.breaker.reachable and not self._probe():
+                    continue
+                self._adopt()
+                worked = self._store_due()
+                if self.breaker.reachable and not self._stopped():
+                    worked = self._compute_next() or worked
+                if not worked:
+                    self._idle()
+            except ModelNotReady:
+                self._sleep(1.0)
+            except Exception:   # never let one batch end the worker
+                logger.exception("background: unexpected error; going on")
+                self._sleep(1.0)
+
+    def _idle(self) -> None:
+        next_try = self.outbox.next_try() if self._mine else None   # type: ignore[union-attr]
+        wait = ADOPT_EVERY_S if next_try is None else min(ADOPT_EVERY_S, next_try - time.time())
+        self._sleep(wait)
+
+    def _probe(self, project: int | None = None) -> bool:
+        """Ask Label Studio something cheap; True (and the breaker closed) if it answered."""
+        try:
+            if project is None:
+                self.client.request("GET", "api/projects/", params={"page_size": 1})   # type: ignore[union-attr]
+            else:
+                self.client.get_project(project)                                       # type: ignore[union-attr]
+        except LabelStudioError as exc:
+            if unreachable(exc):
+                self.breaker.failure(str(exc), self._waiting())
+                return False
+        self.breaker.success(self._waiting())
+        return True
+
+    def _waiting(self) -> str:
+        sizes = self.outbox.sizes() if self.outbox is not None else {QUEUED: 0, COMPUTED: 0}
+        return f"{sizes[COMPUTED]} predictions to store, {sizes[QUEUED]} tasks to predict"
+
+    def _adopt(self) -> None:
+        """Take the rows no live holder has: ours after a restart, or a dead worker's."""
+        now = time.monotonic()
+        if now - self._adopted < ADOPT_EVERY_S and self._adopted:
+            return
+        self._adopted = now
+        by_version: dict[str, list[str]] = {}
+        with self._cond:
+            mine = set(self._mine)
+        for task, version in self.outbox.keys():   # type: ignore[union-attr]
+            if (task, version) not in mine:
+                by_version.setdefault(version, []).append(task)
+        adopted = 0
+        for version, tasks in by_version.items():
+            granted = self.holder.claim(tasks, version)
+            adopted += len(granted)
+            with self._cond:
+                self._mine.update((t, version) for t in granted)
+        if adopted:
+            logger.info("background: took over %d tasks of the outbox that no live process was working on", adopted)
+            self._set_gauge()
+
+    def _settle(self, rows: Sequence[Row], stored: bool) -> None:
+        keys = [(r.task, r.model_version) for r in rows]
+        self.outbox.done(keys)   # type: ignore[union-attr]
+        for task, version in keys:
+            if stored:
+                self.holder.mark_stored([task], version)
+            else:
+                self.holder.release([task], version)
+        with self._cond:
+            self._mine.difference_update(keys)
+        self._set_gauge()
+
+    def _store_due(self) -> bool:
+        """Store the computed predictions whose time has come; False when there were none."""
+        with self._cond:
+            mine = set(self._mine)
+        rows = self.outbox.due(self.batch_tasks, keys=mine)   # type: ignore[union-attr]
+        for row in rows:
+            if self._stopped():
+                break
+            tid = int(row.task)
+            try:
+                if self.client.has_prediction(tid, row.prediction_version):   # type: ignore[union-attr]
+                    self._count("skipped")
+                else:
+                    self.client.create_prediction(tid, row.result or [], row.score,  # type: ignore[union-attr]
+                                                  row.prediction_version)
+                    self._count("done")
             except LabelStudioError as exc:
-                logger.warning("background: task %s: storing the prediction failed: %s", tid, exc)
-                self._count("failed")
+                if unreachable(exc):
+                    self.outbox.retry(row.task, row.model_version, str(exc), 0.0, count=False)  # type: ignore
+                    self.breaker.failure(str(exc), self._waiting())
+                    return True
+                attempts = self.outbox.retry(row.task, row.model_version, str(exc),  # type: ignore[union-attr]
+                                             backoff(row.attempts + 1, 1.0, self.retry_max_s))
+                if attempts >= STORE_ATTEMPTS or exc.status == 404:
+                    logger.warning("background: task %s: Label Studio refused the prediction %d times, giving up: %s",
+                                   tid, attempts, exc)
+                    self._count("failed")
+                    self._settle([row], stored=False)
+                else:
+                    logger.warning("background: task %s: storing failed (attempt %d of %d, retrying): %s",
+                                   tid, attempts, STORE_ATTEMPTS, exc)
+                continue
+            self.breaker.success(self._waiting())
+            self._settle([row], stored=True)
+        if rows:
+            self._log_progress()
+        return bool(rows)
+
+    def _job_for(self, key: str) -> PredictionJob:
+        job = self._jobs.get(key)
+        if job is None:
+            saved = self.outbox.job(key)   # type: ignore[union-attr]
+            if saved is None:
+                raise LabelConfigError("the job of these tasks is not in the outbox")
+            label_config = saved["label_config"]
+            if not label_config:    # handed over without a config: ask Label Studio for the project's
+                label_config = (self.client.get_project(saved["project"]) or {}).get("label_config") or ""  # type: ignore
+            if self._prepare is None:
+                raise LabelConfigError("this finisher cannot rebuild jobs of an earlier process")
+            job = self._prepare(label_config, saved["project_key"] or str(saved["project"]))
+            self._jobs[key] = job
+        return job
+
+    def _compute_next(self) -> bool:
+        """Predict the next batch of queued rows (one job); False when there were none."""
+        with self._cond:
+            mine = set(self._mine)
+        rows = self.outbox.queued(4 * self.batch_tasks, keys=mine)   # type: ignore[union-attr]
+        if not rows:
+            return False
+        rows = [r for r in rows if r.job == rows[0].job][:self.batch_tasks]
+        pipeline = self._pipeline()
+        if pipeline is None:
+            raise ModelNotReady("the model is loading", failed=False)   # _run waits
+        try:
+            job = self._job_for(rows[0].job)
+        except LabelStudioError as exc:
+            if unreachable(exc):
+                self.breaker.failure(str(exc), self._waiting())
+                return True
+            raise
+        except (LabelConfigError, ValueError) as exc:
+            logger.warning("background: %d tasks cannot be predicted any more: %s", len(rows), exc)
+            self._count("failed", len(rows))
+            self._settle(rows, stored=False)
+            return True
+        with self.holder.heartbeat():
+            predictions, report = pipeline.predict([r.task_data for r in rows], job)
+        transient = []
+        failed = []
+        for row, prediction, outcome in zip(rows, predictions, report.outcomes):
+            if outcome.ok and "result" in prediction:
+                self.outbox.put_result(row.task, row.model_version, prediction["result"],  # type: ignore[union-attr]
+                                       prediction.get("score", 0.0), prediction["model_version"])
+            elif outcome.reason in TRANSIENT_FETCH:
+                transient.append((row, outcome))
+            else:
+                failed.append((row, outcome))
+        if transient and not self._probe(rows[0].project):
+            # Label Studio (which serves the images) is down: these tasks wait, they did not fail.
+            for row, outcome in transient:
+                self.outbox.retry(row.task, row.model_version, outcome.message, 0.0, count=False)  # type: ignore
+        else:
+            failed += transient
+        for row, outcome in failed:
+            logger.warning("background: task %s failed: %s", row.task, outcome.message)
+        if failed:
+            self._count("failed", len(failed))
+            self._settle([r for r, _ in failed], stored=False)
+        return True
+
+    def _log_progress(self) -> None:
+        logger.info("background: %d done, %d failed, %d skipped so far; %d waiting",
+                    self.counts["done"], self.counts["failed"], self.counts["skipped"], self.queued())
+
+    def _reachable_changed(self, reachable: bool) -> None:
+        if self.metrics is not None:
+            self.metrics.label_studio_reachable.set(1 if reachable else 0)
+        if reachable:
+            with self._cond:
+                self._cond.notify_all()
 
     def _count(self, outcome: str, n: int = 1) -> None:
         self.counts[outcome] += n
-        if self.metrics is not None:
+        if self.metrics is not None and n:
             self.metrics.background_tasks.inc(n, outcome=outcome)
 
     def _set_gauge(self) -> None:
         if self.metrics is not None:
-            self.metrics.background_queued.set(len(self._queue))
+            with self._cond:
+                self.metrics.background_queued.set(len(self._mine))
+            if self.outbox is not None:
+                sizes = self.outbox.sizes()
+                for state, n in sizes.items():
+                    self.metrics.outbox_tasks.set(n, state=state)
 
 
 def _claim_key(tid: Any) -> str | None:
@@ -253,41 +438,55 @@ class BudgetedBatch:
             outcomes[i].ok, outcomes[i].reason, outcomes[i].message = False, reason, message
 
         ids = [_claim_key(task_id(t)) for t in tasks]   # None: an odd id, predicted without a claim
-        others = self.claims.held_by_others([t for t in ids if t is not None], version)
+        holder = self.claims.holder("predict")           # this request's claims, nobody else's
+        try:
+            return self._predict(tasks, ids, job, holder, started, answers, outcomes, leave, project, label_config)
+        finally:
+            holder.release_all()    # whatever is neither answered, handed over nor released yet
+
+    def _predict(self, tasks, ids, job: PredictionJob, holder: ClaimHolder, started: float, answers: list,
+                 outcomes: list, leave: Callable, project: Any,
+                 label_config: str | None) -> tuple[list[dict], PredictReport]:
+        version = job.model_version
+        n = len(tasks)
+        others = holder.busy([t for t in ids if t is not None], version)
         for i, task in enumerate(tasks):
             if version in task_prediction_versions(task):
                 leave(i, "stored", "the task already holds a prediction of this model version")
             elif ids[i] is not None and (self.finisher.is_queued(ids[i], version) or ids[i] in others):
-                leave(i, "background", "being finished in the background (or just stored): its prediction "
-                                       "is stored through Label Studio's API")
+                leave(i, "background", "being predicted by another request or in the background, or just "
+                                       "answered: that one's prediction is the one Label Studio keeps")
         todo = [i for i in range(n) if answers[i] is None]
         claimable = [ids[i] for i in todo if ids[i] is not None]
-        held = self.claims.claim(claimable, version, project=project_key(project))
-        for i in todo[:]:
-            if ids[i] is not None and ids[i] not in held:
-                leave(i, "background", "being predicted by another worker")
-                todo.remove(i)
+        held = holder.claim(claimable, version, project=project_key(project))
+        lost = [i for i in todo if ids[i] is not None and ids[i] not in held]
+        for i in lost:
+            leave(i, "busy", "another request is predicting it right now (or just answered it): Label Studio "
+                             "keeps that request's prediction, so this answer carries no result")
+            todo.remove(i)
+        if lost:
+            logger.info("/predict: %d of %d tasks left without a result: another request is predicting them now",
+                        len(lost), n)
 
         deadline = started + self.budget_s if self.budget_s > 0 else None
-        try:
+        with holder.heartbeat():
             predictions, report = self.model.pipeline.predict([tasks[i] for i in todo], job, deadline=deadline)
-        except BaseException:
-            self.claims.release([ids[i] for i in todo if ids[i] is not None], version)
-            raise
         deferred = {todo[k] for k in report.deferred}
         for k, i in enumerate(todo):
             answers[i] = predictions[k]
             outcomes[i] = report.outcomes[k]
         # Done (or failed) now: Label Studio stores the answer itself; the claims are no longer needed.
-        self.claims.release([ids[i] for i in todo if i not in deferred and ids[i] is not None], version)
+        # (No "just answered" marker: a client may ask for the same task again on purpose, and
+        # Label Studio lists a stored prediction in the next body, which is answered "stored".)
+        holder.release([ids[i] for i in todo if i not in deferred and ids[i] is not None], version)
         if deferred:
-            self._hand_over(sorted(deferred), tasks, ids, job, project, answers, outcomes)
+            self._hand_over(sorted(deferred), tasks, ids, job, project, answers, outcomes, holder, label_config)
         report.outcomes = outcomes   # type: ignore[assignment]
         report.deferred = sorted(deferred)
         return answers, report   # type: ignore[return-value]
 
     def _hand_over(self, deferred: list[int], tasks, ids, job: PredictionJob, project: Any,
-                   answers: list, outcomes: list) -> None:
+                   answers: list, outcomes: list, holder: ClaimHolder, label_config: str | None) -> None:
         version = job.model_version
         project_id = label_studio_project_id(project)
         unclaimed = [i for i in deferred if ids[i] is None]   # odd ids: the finisher cannot store them
@@ -300,12 +499,13 @@ class BudgetedBatch:
             message = (f"not predicted: the time budget ({budget}) ran out and the rest cannot be finished in the "
                        f"background: {why}; select fewer tasks or run `python -m backend.prelabel`")
             logger.warning("%d of %d tasks left unpredicted: %s", len(deferred), len(tasks), message)
-            self.claims.release([ids[i] for i in deferred], version)
+            holder.release([ids[i] for i in deferred], version)
             self._note("unavailable", len(deferred))
             for i in deferred:
                 answers[i]["error"] = outcomes[i].message = message
             return
-        taken = self.finisher.submit([tasks[i] for i in deferred], job, project_id)
+        holder.transfer([ids[i] for i in deferred], version, self.finisher.holder)
+        taken = self.finisher.submit([tasks[i] for i in deferred], job, project_id, label_config=label_config)
         full = [i for i, ok in zip(deferred, taken) if not ok]
         self._note("queued", len(deferred) - len(full))
         for i, ok in zip(deferred, taken):
@@ -314,7 +514,7 @@ class BudgetedBatch:
                     f"finishing in the background ({budget} ran out): the prediction is stored through "
                     "Label Studio's API in a while")
         if full:
-            self.claims.release([ids[i] for i in full], version)
+            self.finisher.holder.release([ids[i] for i in full], version)
             self._note("queue_full", len(full))
             message = (f"not predicted: the time budget ({budget}) ran out and the background queue is full "
                        f"(GEM_BACKGROUND_QUEUE={self.finisher.max_queue}); Retrieve Predictions again later")

@@ -383,6 +383,88 @@ class LabelStudioClient:
                 and not (only_unlabeled and (task.get("total_annotations") or task.get("annotations")))]
         return kept, len(tasks) >= page_size
 
+    def tasks_after(self, project: int, after_id: int = 0, *, upto_id: int | None = None,
+                    page_size: int = DEFAULT_PAGE_SIZE, only_unlabeled: bool = False,
+                    task_ids: Iterable[int] | None = None, fields: str = "all") -> tuple[list[dict], int | None]:
+        """Up to `page_size` tasks with `after_id < id <= upto_id` in id order, and the id to ask
+        after next (None: no more).
+
+        Paging by a key, not by page number: a task that leaves or joins the filtered list
+        meanwhile (labelled during an `only_unlabeled` run, imported) moves no other task from
+        one page to another, so none is skipped or listed twice. Uses Label Studio's task
+        filter `filter:tasks:id` (operators `greater` / `less_or_equal`, Data Manager filters,
+        which `GET /api/tasks/` honours in 1.23).
+        """
+        ids = None if task_ids is None else sorted({int(t) for t in task_ids})
+        if ids is not None and not ids:
+            return [], None
+        items = [{"filter": "filter:tasks:id", "operator": "greater", "type": "Number", "value": int(after_id)}]
+        if upto_id is not None:
+            items.append({"filter": "filter:tasks:id", "operator": "less_or_equal", "type": "Number",
+                          "value": int(upto_id)})
+        tasks = self._query_tasks(project, items, page_size=page_size, only_unlabeled=only_unlabeled, ids=ids,
+                                  fields=fields)
+        listed = [t.get("id") for t in tasks if isinstance(t.get("id"), int)]
+        beyond = [i for i in listed if i > after_id and (upto_id is None or i <= upto_id)]
+        if listed and not beyond:
+            # The filter was ignored (a Label Studio without it): asking again would loop forever.
+            raise LabelStudioError(f"Label Studio ignored the task id filter listing project {project}; "
+                                   "it needs a version that filters tasks by id (1.23 does)", reason="api")
+        wanted = set(ids) if ids is not None else None
+        # Filters are checked here too, as in tasks_page.
+        kept = [task for task in tasks if task.get("id") in beyond
+                and (wanted is None or task.get("id") in wanted)
+                and not (only_unlabeled and (task.get("total_annotations") or task.get("annotations")))]
+        kept.sort(key=lambda t: t["id"])
+        return kept, (max(beyond) if len(tasks) >= page_size else None)
+
+    def iter_tasks_by_id(self, project: int, *, after_id: int = 0, upto_id: int | None = None,
+                         page_size: int = DEFAULT_PAGE_SIZE, only_unlabeled: bool = False,
+                         task_ids: Iterable[int] | None = None, fields: str = "all") -> Iterator[dict]:
+        """Like `iter_tasks`, paged by task id (`tasks_after`): stable while tasks are labelled or
+        imported during the walk. Tasks imported meanwhile with a higher id are listed too."""
+        ids = None if task_ids is None else sorted({int(t) for t in task_ids})
+        after: int | None = after_id
+        while after is not None:
+            tasks, after = self.tasks_after(project, after, upto_id=upto_id, page_size=page_size,
+                                            only_unlabeled=only_unlabeled, task_ids=ids, fields=fields)
+            yield from tasks
+
+    def task_id_range(self, project: int, *, only_unlabeled: bool = False,
+                      task_ids: Iterable[int] | None = None) -> tuple[int, int] | None:
+        """(lowest, highest) id of the tasks `iter_tasks_by_id` would list now; None when there are none."""
+        ids = None if task_ids is None else sorted({int(t) for t in task_ids})
+        if ids is not None and not ids:
+            return None
+        ends = []
+        for ordering in ("tasks:id", "-tasks:id"):
+            tasks = self._query_tasks(project, [], page_size=1, only_unlabeled=only_unlabeled, ids=ids,
+                                      fields="task_only", ordering=ordering)
+            if not tasks or not isinstance(tasks[0].get("id"), int):
+                return None
+            ends.append(tasks[0]["id"])
+        return min(ends), max(ends)
+
+    def _query_tasks(self, project: int, items: list[dict], *, page_size: int, only_unlabeled: bool,
+                     ids: list[int] | None, fields: str, ordering: str = "tasks:id") -> list[dict]:
+        """The first page of the project's tasks under Data Manager filter `items` (and'ed)."""
+        items = list(items)
+        query: dict[str, Any] = {"ordering": [ordering]}
+        if ids is not None:
+            query["selectedItems"] = {"all": False, "included": ids}
+        if only_unlabeled:
+            items.append({"filter": "filter:tasks:total_annotations", "operator": "equal", "type": "Number",
+                          "value": 0})
+        if items:
+            query["filters"] = {"conjunction": "and", "items": items}
+        answer = self.request("GET", "api/tasks/", params={
+            "project": int(project), "page": 1, "page_size": page_size, "fields": fields,
+            "query": json.dumps(query)})
+        tasks = answer.get("tasks", answer.get("results")) if isinstance(answer, dict) else answer
+        if not isinstance(tasks, list):
+            raise LabelStudioError(f"unexpected answer listing tasks of project {project}", reason="api")
+        return [t for t in tasks if isinstance(t, Mapping)]
+
     def count_tasks(self, project: int, only_unlabeled: bool = False) -> int | None:
         """How many tasks `iter_tasks` would consider (None when Label Studio does not say)."""
         project_info = self.get_project(project)

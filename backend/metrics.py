@@ -181,6 +181,12 @@ class BackendMetrics:
             "gem_webhook_events_total", "webhook events by action and handling", ("action", "handling")))
         self.background_queued = r.register(Gauge(
             "gem_background_queued_tasks", "tasks waiting to be finished in the background (this process)"))
+        self.outbox_tasks = r.register(Gauge(
+            "gem_outbox_tasks", "rows of MODEL_DIR's outbox (all processes): queued = tasks to predict, computed = "
+            "predictions kept until Label Studio stores them", ["state"]))
+        self.label_studio_reachable = r.register(Gauge(
+            "gem_label_studio_reachable", "1 while the background finisher reaches Label Studio, 0 while it waits "
+            "for it (computing paused, predictions kept in the outbox)"))
         self.background_tasks = r.register(Counter(
             "gem_background_tasks_total",
             "tasks the background finisher handled, by outcome: done (stored), failed, skipped (already stored), "
@@ -190,6 +196,7 @@ class BackendMetrics:
             "(queued, queue_full, unavailable)", ("handling",)))
         self.process = r.register(Gauge("gem_process_info", "constant 1; labels identify this process", ("pid",)))
         self.process.set(1, pid=str(os.getpid()))
+        self.before_render: list = []
 
         # -- memory (bench/soak.py reads these; docs/PERFORMANCE.md "Memory over weeks") --
         from . import memory
@@ -216,4 +223,9 @@ class BackendMetrics:
         self.stage_seconds.observe(seconds, stage=stage)
 
     def render(self) -> str:
+        for refresh in list(self.before_render):   # gauges read from shared state (the outbox file) at scrape time
+            try:
+                refresh()
+            except Exception:   # a metric that cannot be read now must not break /metrics
+                pass
         return self.registry.render()

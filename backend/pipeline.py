@@ -94,6 +94,12 @@ def compute_model_version(settings: Settings) -> str:
         "outputs": list(settings.outputs), "regions": region,
         "method": settings.method, "pamr": settings.pamr_iters,
         "slide": [settings.slide_crop, settings.slide_stride] if settings.slide_crop else 0,
+        # Added only where they differ from what earlier versions did, so that an unchanged
+        # configuration keeps its version (and Label Studio its predictions); PAMR's sigma changed
+        # on 2026-12-03 (issue 24), so any PAMR run gets a new version.
+        **({"pamr_sigma": "unbiased9", "pamr_dilations": list(settings.pamr_dilations)}
+           if settings.pamr_iters else {}),
+        **({"pos_embed": settings.pos_embed} if settings.pos_embed != "antialias" else {}),
     }, sort_keys=True, default=str)
     digest = hashlib.sha256(key.encode()).hexdigest()[:8]
     return f"gem-{settings.model_name}-{weights}-{settings.image_size}-{digest}"
@@ -236,7 +242,7 @@ def load_predictor(settings: Settings):
         ss_attn_iter=s.ss_attn_iter, ss_attn_temp=s.ss_attn_temp, precision=s.precision,
         model_config=s.model_config or None, cache_dir=s.weights_dir, mode=s.method,
         slide_crop=s.slide_crop, slide_stride=s.slide_stride if s.slide_crop else 0,
-        pamr_iters=s.pamr_iters)
+        pamr_iters=s.pamr_iters, pamr_dilations=s.pamr_dilations, pos_embed_resize=s.pos_embed)
     predictor = gem_model.HeatmapPredictor(model, image_size=s.image_size, resize_mode=s.resize_mode,
                                            cache_bytes=int(s.feature_cache_mb * 2**20))
     # One tiny pass moves first-request costs (CUDA context, kernels) into load time.
@@ -365,14 +371,24 @@ class PredictionPipeline:
                 fetched.setdefault(i, {})
                 break
             top_up()
+            # A download never holds the batch (the background queue included) longer than its own
+            # limit allows: GEM_FETCH_TIMEOUT per image plus time to decode it. With a deadline, a
+            # slow download is not waited for past the deadline either.
+            wait_s = fetch_wait_s(self.settings.fetch_timeout, len(job.plan.images))
+            if deadline is not None:
+                wait_s = min(wait_s, max(0.0, budget.remaining()))
             try:
-                # With a deadline, a slow download is not waited for past it.
-                fetched[i] = future.result(timeout=None if deadline is None else max(0.0, budget.remaining()))
+                fetched[i] = future.result(timeout=wait_s)
                 images_waiting += len(fetched[i])
             except concurrent.futures.TimeoutError:
-                stopped = True
-                fetched.setdefault(i, {})
-                break
+                if deadline is not None and budget.remaining() <= wait_s:
+                    stopped = True
+                    fetched.setdefault(i, {})
+                    break
+                future.cancel()
+                self._fail(job, report, predictions, i, "timeout",
+                           f"its images took more than {wait_s:g} s to download and decode "
+                           f"(GEM_FETCH_TIMEOUT={self.settings.fetch_timeout:g} s per image)")
             except TaskError as exc:
                 self._fail(job, report, predictions, i, exc.reason, str(exc))
             except Exception as exc:  # a bug while fetching one task must not fail the others
@@ -617,6 +633,14 @@ def _guide(image: FetchedImage, size: tuple[int, int]) -> np.ndarray:
     if picture.size != (size[1], size[0]):
         picture = picture.resize((size[1], size[0]), Image.BOX)
     return np.asarray(picture)
+
+
+FETCH_DECODE_ALLOWANCE_S = 10.0     # per image, on top of GEM_FETCH_TIMEOUT: decoding a large photo
+
+
+def fetch_wait_s(fetch_timeout: float, images: int) -> float:
+    """The longest a task's downloads are waited for: its images one after the other, each bounded."""
+    return max(1, images) * (fetch_timeout + FETCH_DECODE_ALLOWANCE_S)
 
 
 def fetch_task_images(fetcher: Any, task: Mapping[str, Any], job: PredictionJob, min_side: int | None = None,

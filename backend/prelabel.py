@@ -3,246 +3,53 @@
     python -m backend.prelabel --project 3 [--only-unlabeled] [--task-ids 1,2,5-9] [--limit N] [--dry-run]
 
 Reads LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY and every GEM_* setting from the environment, like
-the server. Streams the project's tasks page by page, skips those that already hold a prediction of
-the current model version, runs the rest in batches through the server's `PredictionPipeline`, and
-uploads the predictions in chunks. Stopping and running it again never stores a task twice.
-Exit status: 0 when every task is done or skipped, 1 when some failed, 2 on a usage or setup error.
+the server. Streams the project's tasks page by page (paged by task id: labelling during the run
+neither skips a task nor lists one twice), skips those that already hold a prediction of the
+current model version or that someone else is computing (claims in MODEL_DIR, shared with the
+server), runs the rest in batches through the server's `PredictionPipeline`, and uploads the
+predictions in chunks. Stopping and running it again never stores a task twice.
+Exit status: 0 when every task is done or skipped; 1 when some failed, or Label Studio stopped
+answering during the run (the summary says what was done); 2 on a usage or setup error (Label
+Studio unreachable at the start included); 130 when interrupted.
 `--ray [ADDRESS] [--workers N]` runs the same stages on a Ray cluster (backend/prelabel_ray.py,
-imported only then; docs/SCALING.md).
-
-The stages are small pieces other runners reuse (e.g. as Ray Data map stages)::
-
-    tasks = select_tasks(client, project, only_unlabeled=True)        # iterator of task dicts
-    todo, skipped = split_done(batch, model_version)                  # drop tasks predicted already
-    payloads, failures = predict_tasks(pipeline, job, todo)           # task dicts -> prediction payloads
-    uploader = PredictionUploader(client, project); uploader.add(payloads); uploader.flush()
+imported only then; docs/SCALING.md). The stages themselves live in backend/stages.py.
 """
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import itertools
 import logging
 import os
 import sys
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Sequence
 
-from .claims import ClaimStore
-from .ls_client import LabelStudioClient, LabelStudioError, task_prediction_versions
-from .pipeline import PredictionJob, PredictionPipeline, compute_model_version
+from .ls_client import LabelStudioClient, LabelStudioError
+from .pipeline import PredictionPipeline, compute_model_version
 from .settings import Settings, SettingsError
+# The stages live in backend/stages.py (shared with the Ray runner); they are named here too, so that
+# `from backend.prelabel import select_tasks, ...` keeps working.
+from .stages import (ALREADY_PREDICTED, HELD_ELSEWHERE, PAGE_SIZE, Payload, PredictionUploader,  # noqa: F401
+                     PrelabelSummary, RunClaims, learned_for, predict_tasks, progress_bar, select_tasks,
+                     split_done, stopped_reason)
 
 logger = logging.getLogger("backend.prelabel")
 
-# One prediction as Label Studio's API stores it.
-Payload = dict   # {"task": int, "result": list, "score": float, "model_version": str}
-
-
-@dataclass
-class PrelabelSummary:
-    """What a run did. `failed`: task id -> reason; `skipped`: task id -> why (already predicted, ...)."""
-    project: int
-    model_version: str
-    seen: int = 0
-    done: int = 0
-    skipped: dict[Any, str] = field(default_factory=dict)
-    failed: dict[Any, str] = field(default_factory=dict)
-    seconds: float = 0.0
-    timings: dict[str, float] = field(default_factory=dict)   # stage -> seconds summed
-    dry_run: bool = False
-
-    @property
-    def ok(self) -> bool:
-        return not self.failed
-
-    def add_time(self, stage: str, seconds: float) -> None:
-        self.timings[stage] = self.timings.get(stage, 0.0) + seconds
-
-    def lines(self) -> list[str]:
-        rate = self.done / self.seconds * 60 if self.seconds > 0 else 0.0
-        verb = "would predict" if self.dry_run else "done"
-        out = [f"project {self.project}, model version {self.model_version}: {self.seen} tasks seen, "
-               f"{verb} {self.done}, skipped {len(self.skipped)}, failed {len(self.failed)} "
-               f"in {self.seconds:.1f} s ({rate:.1f} tasks/min)"]
-        reasons: dict[str, int] = {}
-        for why in self.skipped.values():
-            reasons[why] = reasons.get(why, 0) + 1
-        out += [f"  skipped: {n} x {why}" for why, n in sorted(reasons.items())]
-        for task, why in itertools.islice(self.failed.items(), 20):
-            out.append(f"  failed task {task}: {why}")
-        if len(self.failed) > 20:
-            out.append(f"  ... and {len(self.failed) - 20} more failed tasks")
-        if self.timings:
-            total = sum(self.timings.values()) or 1.0
-            out.append("  time: " + ", ".join(f"{k} {v:.1f} s ({v / total:.0%})" for k, v in self.timings.items()))
-        return out
-
-
-# -- stages ----------------------------------------------------------------------------------------
-
-
-def select_tasks(client: LabelStudioClient, project: int, *, only_unlabeled: bool = False,
-                 task_ids: Iterable[int] | None = None, limit: int | None = None,
-                 page_size: int = 100) -> Iterator[dict]:
-    """The project's tasks, streamed page by page, filtered, at most `limit`."""
-    tasks = client.iter_tasks(project, page_size=page_size, only_unlabeled=only_unlabeled, task_ids=task_ids)
-    return itertools.islice(tasks, limit) if limit is not None else tasks
-
-
-def split_done(tasks: Sequence[Mapping[str, Any]], model_version: str) -> tuple[list[dict], list[dict]]:
-    """(tasks to predict, tasks that already hold a prediction of `model_version`)."""
-    todo, done = [], []
-    for task in tasks:
-        (done if model_version in task_prediction_versions(task) else todo).append(task)
-    return todo, done
-
-
-def predict_tasks(pipeline: PredictionPipeline, job: PredictionJob,
-                  tasks: Sequence[Mapping[str, Any]]) -> tuple[list[Payload], dict[Any, str], dict[str, float]]:
-    """Task dicts -> (prediction payloads, failures {task id: reason}, stage timings in seconds).
-
-    One bad task fails alone. Payloads are ready for `PredictionUploader` / `POST /api/predictions`.
-    """
-    predictions, report = pipeline.predict(list(tasks), job)
-    payloads, failures = [], {}
-    for task, prediction, outcome in zip(tasks, predictions, report.outcomes):
-        if outcome.ok and "result" in prediction:
-            payloads.append({"task": task["id"], "result": prediction["result"], "score": prediction["score"],
-                             "model_version": prediction["model_version"]})
-        else:
-            failures[task.get("id")] = f"{outcome.reason or 'failed'}: {outcome.message}"
-    return payloads, failures, dict(report.timings)
-
-
-class PredictionUploader:
-    """Collects payloads and stores them `chunk` at a time, in a background thread so the model
-    does not wait for Label Studio. Before storing it asks Label Studio whether each task got a
-    prediction of this version meanwhile (another run, the server), so none is stored twice.
-
-    `add()` and `flush()` return what finished since the last call: (stored task ids, skipped
-    task ids, failures {task id: reason}); `flush()` waits for everything. `on_finished(task ids)`
-    is called from the upload thread once a chunk's tasks are stored, skipped or failed.
-    """
-
-    def __init__(self, client: LabelStudioClient, project: int, chunk: int = 100, check_existing: bool = True,
-                 on_finished: Callable[[list], None] | None = None, check_workers: int = 4):
-        self.client = client
-        self.project = project
-        self.chunk = chunk
-        self.check_existing = check_existing
-        self.on_finished = on_finished
-        self.pending: list[Payload] = []
-        self.seconds = {"ls_check": 0.0, "upload": 0.0}
-        self._uploads = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prelabel-upload")
-        self._checks = concurrent.futures.ThreadPoolExecutor(check_workers, thread_name_prefix="prelabel-check")
-        self._futures: list[concurrent.futures.Future] = []
-
-    def add(self, payloads: Iterable[Payload]) -> tuple[list, list, dict]:
-        """Queue payloads; full chunks start uploading now, the rest waits for more or for flush()."""
-        self.pending.extend(payloads)
-        while len(self.pending) >= self.chunk:
-            part, self.pending = self.pending[:self.chunk], self.pending[self.chunk:]
-            self._submit(part)
-        return self._collect(wait=False)
-
-    def flush(self) -> tuple[list, list, dict]:
-        if self.pending:
-            part, self.pending = self.pending, []
-            self._submit(part)
-        return self._collect(wait=True)
-
-    def _submit(self, part: list[Payload]) -> None:
-        future = self._uploads.submit(self._store, part)
-        future.task_ids = [p["task"] for p in part]   # type: ignore[attr-defined]
-        self._futures.append(future)
-
-    def in_flight(self) -> set:
-        """Task ids added but not yet stored, skipped or failed."""
-        return {p["task"] for p in self.pending} | {t for f in self._futures if not f.done()
-                                                    for t in getattr(f, "task_ids", ())}
-
-    def close(self) -> None:
-        self._uploads.shutdown(wait=True, cancel_futures=True)
-        self._checks.shutdown(wait=False, cancel_futures=True)
-
-    def _collect(self, wait: bool) -> tuple[list, list, dict]:
-        stored, skipped, failed = [], [], {}
-        keep = []
-        for future in self._futures:
-            if wait or future.done():
-                s, k, f = future.result()
-                stored += s
-                skipped += k
-                failed.update(f)
-            else:
-                keep.append(future)
-        self._futures = keep
-        return stored, skipped, failed
-
-    def _exists(self, payload: Payload) -> bool | str:
-        try:
-            return self.client.has_prediction(payload["task"], payload["model_version"])
-        except LabelStudioError as exc:
-            return f"checking existing predictions: {exc}"
-
-    def _store(self, part: list[Payload]) -> tuple[list, list, dict]:
-        stored, skipped, failed, fresh = [], [], {}, []
-        started = time.perf_counter()
-        answers = self._checks.map(self._exists, part) if self.check_existing else [False] * len(part)
-        for payload, exists in zip(part, answers):
-            if isinstance(exists, str):
-                failed[payload["task"]] = exists
-            elif exists:
-                skipped.append(payload["task"])
-            else:
-                fresh.append(payload)
-        self.seconds["ls_check"] += time.perf_counter() - started
-        if fresh:
-            started = time.perf_counter()
-            try:
-                self.client.create_predictions(self.project, fresh, chunk=self.chunk)
-                stored.extend(p["task"] for p in fresh)
-            except LabelStudioError as exc:
-                failed.update({p["task"]: f"upload: {exc}" for p in fresh})
-            self.seconds["upload"] += time.perf_counter() - started
-        if self.on_finished is not None:
-            self.on_finished([p["task"] for p in part])
-        return stored, skipped, failed
-
-
-def learned_for(settings: Settings, project: int):
-    """The project's learned state (backend/learning.py) in MODEL_DIR, as the server would use it;
-    None when learning is off or nothing was learned. Never fails the run: a broken store is logged."""
-    if not settings.learn:
-        return None
-    try:
-        from .learning import DB_NAME, LearnedStates, LearningStore
-
-        if not os.path.exists(os.path.join(settings.model_dir, DB_NAME)):
-            return None
-        return LearnedStates(LearningStore(settings.model_dir), settings).project_learned(str(project))
-    except Exception as exc:   # predict without it, as the server does
-        logger.warning("project %s: learned state unreadable, predicting without it: %s", project, exc)
-        return None
-
 
 # -- the run -------------------------------------------------------------------------------------------
-
-
 
 
 def run_prelabel(settings: Settings, project: int, *, only_unlabeled: bool = False,
                  task_ids: Iterable[int] | None = None, limit: int | None = None, dry_run: bool = False,
                  batch_tasks: int | None = None, upload_chunk: int = 100, progress: bool = True,
                  client: LabelStudioClient | None = None, pipeline: PredictionPipeline | None = None,
-                 claims: ClaimStore | None = None) -> PrelabelSummary:
+                 claims: Any = None, page_size: int | None = None) -> PrelabelSummary:
     """Predict and store every selected task of `project` that lacks a prediction of this model version.
 
-    `client`/`pipeline`/`claims` default to ones built from `settings` (the pipeline loads the model
-    unless `dry_run`). Raises LabelStudioError when Label Studio cannot be reached at the start;
-    failures after that are per task, in the summary.
+    `client`/`pipeline` default to ones built from `settings` (the pipeline loads the model unless
+    `dry_run`); `claims` (a ClaimStore) to MODEL_DIR's claims file. Raises LabelStudioError when
+    Label Studio cannot be reached at the start (a setup error); when it stops answering later, the
+    run stops and the summary says so (`summary.stopped`, exit status 1), with what was done.
     """
     started = time.monotonic()
     client = client or LabelStudioClient.from_settings(settings)
@@ -261,80 +68,70 @@ def run_prelabel(settings: Settings, project: int, *, only_unlabeled: bool = Fal
     from .label_config import parse_label_config
     plan = parse_label_config(label_config, settings.outputs)      # LabelConfigError: say so before loading
     job = None
+    run_claims = None
     if not dry_run:
         if pipeline is None:
             logger.info("loading model %s (%s) on %s", settings.model_name, settings.pretrained, settings.device)
             pipeline = PredictionPipeline.from_settings(settings)
         job = pipeline.prepare(plan, project=project, learned=learned)
         version = job.model_version
-        if claims is None:
-            claims = ClaimStore(os.path.join(settings.model_dir, "claims.sqlite"))
+        run_claims = (RunClaims(claims, version, project) if claims is not None
+                      else RunClaims.from_settings(settings, version, project))
     uploader = PredictionUploader(client, project, chunk=upload_chunk,
-                                  on_finished=(lambda ids: claims.release(ids, version)) if claims else None)
+                                  on_finished=run_claims.finished if run_claims else None)
     batch_tasks = batch_tasks or max(settings.batch_size * 4, 16)
 
-    bar = _progress(total, progress)
+    bar = progress_bar(total, progress)
     try:
-        tasks = select_tasks(client, project, only_unlabeled=only_unlabeled, task_ids=task_ids, limit=limit)
+        tasks = select_tasks(client, project, only_unlabeled=only_unlabeled, task_ids=task_ids, limit=limit,
+                             page_size=page_size or PAGE_SIZE)
         while True:
             t0 = time.perf_counter()
-            batch = list(itertools.islice(tasks, batch_tasks))
-            summary.add_time("ls_read", time.perf_counter() - t0)
+            try:
+                batch = list(itertools.islice(tasks, batch_tasks))
+            except LabelStudioError as exc:
+                # Past the start this is a failed run with its summary (exit 1), not a setup error.
+                summary.stopped = stopped_reason(exc)
+                logger.error("project %s: %s", project, summary.stopped)
+                break
+            finally:
+                summary.add_time("ls_read", time.perf_counter() - t0)
             if not batch:
                 break
             summary.seen += len(batch)
             todo, done = split_done(batch, version)
-            summary.skipped.update({t["id"]: "already predicted (this model version)" for t in done})
+            summary.skipped.update({t["id"]: ALREADY_PREDICTED for t in done})
             if dry_run:
                 summary.done += len(todo)
                 bar.update(len(batch))
                 continue
-            held = claims.claim([t["id"] for t in todo], version, project=str(project)) if claims else None
-            if held is not None:
-                busy = [t for t in todo if str(t["id"]) not in held]
-                summary.skipped.update({t["id"]: "being predicted by another process" for t in busy})
-                todo = [t for t in todo if str(t["id"]) in held]
+            held = run_claims.take(t["id"] for t in todo)   # type: ignore[union-attr]
+            summary.skipped.update({t["id"]: HELD_ELSEWHERE for t in todo if t["id"] not in held})
+            todo = [t for t in todo if t["id"] in held]
             try:
                 payloads, failures, timings = predict_tasks(pipeline, job, todo)  # type: ignore[arg-type]
-                for stage, seconds in timings.items():
-                    summary.add_time(stage, seconds)
-                summary.failed.update(failures)
-                _count(summary, *uploader.add(payloads))
-                if claims is not None:
-                    # Failed tasks are free again now; uploaded ones when their chunk is stored.
-                    claims.release([t["id"] for t in todo if t["id"] in failures], version)
             except BaseException:
-                if claims is not None:
-                    claims.release([t["id"] for t in todo if t["id"] not in uploader.in_flight()], version)
+                run_claims.give_back(t["id"] for t in todo)   # type: ignore[union-attr]
                 raise
+            for stage, seconds in timings.items():
+                summary.add_time(stage, seconds)
+            summary.failed.update(failures)
+            run_claims.give_back(failures)   # type: ignore[union-attr]   (uploaded ones: once stored)
+            summary.count_uploads(*uploader.add(payloads))
             bar.update(len(batch))
             bar.set_postfix(done=summary.done, uploading=len(uploader.in_flight()), skipped=len(summary.skipped),
                             failed=len(summary.failed))
-        if not dry_run:
-            _count(summary, *uploader.flush())
     finally:
-        uploader.close()
+        # Computed predictions are stored even when the run stops (Ctrl-C, an error): close() waits for them.
+        summary.count_uploads(*uploader.close())
         bar.close()
-        if claims is not None and not dry_run:
-            claims.release_all()
+        if run_claims is not None:
+            run_claims.close()
     for stage, seconds in uploader.seconds.items():
         if seconds:
             summary.add_time(stage, seconds)
     summary.seconds = time.monotonic() - started
     return summary
-
-
-def _count(summary: PrelabelSummary, stored: list, skipped: list, failed: dict) -> None:
-    summary.done += len(stored)
-    summary.skipped.update({t: "already predicted (found just before upload)" for t in skipped})
-    summary.failed.update(failed)
-
-
-def _progress(total: int | None, enabled: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="task", file=sys.stderr, disable=not enabled, dynamic_ncols=True,
-                smoothing=0.1, desc="prelabel")
 
 
 # -- command line ----------------------------------------------------------------------------------------
@@ -420,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise
     for line in summary.lines():
         print(line)
-    return 0 if summary.ok else 1
+    return summary.exit_status
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """`python -m backend.prelabel --ray [ADDRESS]`: the pre-labelling job as a Ray Data pipeline.
 
-    driver:  the job (label config, learned state, model version), how many tasks
-      -> list:    one page of the task list; mark tasks already predicted   CPU tasks, GEM_RAY_LIST_TASKS at once
+    driver:  the job (label config, learned state, model version), how many tasks, their id ranges;
+             the run's claims (MODEL_DIR), answering the listing tasks' claim requests
+      -> list:    one id range, paged by id; mark tasks already predicted,  CPU tasks, GEM_RAY_LIST_TASKS at once
+                  claim the rest through the driver, mark those held elsewhere
       -> fetch:   download + decode each task's images                      CPU tasks, GEM_FETCH_WORKERS threads each
       -> predict: GEM + regions -> Label Studio results                     actor pool, the model loaded once per actor
       -> upload:  check + store the predictions, in chunks                  CPU tasks, GEM_RAY_UPLOAD_TASKS at once
@@ -13,7 +15,8 @@ out, into the fetch tasks: the actor's pipeline gets a fetcher that hands back t
 decoded (decoding as it would), or raises the error they met. Tasks already predicted are
 marked by the plain command's `split_done` and only counted. The upload tasks use the plain command's
 `PredictionUploader`, which asks Label Studio right before writing, so a rerun, or another runner
-on the same project, never stores a task twice.
+on the same project, never stores a task twice. The stages come from backend/stages.py, as the
+plain command's do; this module never imports backend/prelabel.py.
 
 Ray is imported only here, and this module only by `--ray`: the server and the plain command never
 load it (tests/test_prelabel_ray.py checks both).
@@ -26,16 +29,20 @@ import logging
 import math
 import os
 import pickle
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from .images import FetchedImage, ImageFetcher, ImageFetchError
+from .ls_client import LabelStudioError
 from .settings import Settings, SettingsError
+from .stages import (ALREADY_PREDICTED, FOUND_BEFORE_UPLOAD, HELD_ELSEWHERE, PAGE_SIZE, PredictionUploader,
+                     PrelabelSummary, RunClaims, iter_task_range, learned_for, predict_tasks, progress_bar,
+                     select_tasks, split_done, stopped_reason)
 
 logger = logging.getLogger("backend.prelabel")
 
-PAGE_SIZE = 100        # tasks per page of Label Studio's task list (one listing task each)
 RAY_MISSING = ("--ray needs Ray Data, which the backend does not install by default: "
                "pip install -r requirements-ray.txt")
 MODEL_STAGES = ("model", "postprocess", "encode")
@@ -51,7 +58,7 @@ class RayOptions:
     address: str | None = None     # None: start a local Ray; "auto": this machine's cluster; "ray://host:10001"
     workers: int | None = None     # model actors; None: one per GPU of the cluster, or 1 without GPUs
     upload_tasks: int = 2          # upload tasks running at once (Label Studio API calls in flight)
-    list_tasks: int = 2            # listing tasks running at once (pages of the task list being read)
+    list_tasks: int = 2            # listing tasks running at once (ranges of the task list being read)
     upload_chunk: int = 100        # predictions per upload call
     object_store_mb: float = 0.0   # local Ray only; 0 = Ray's default (30% of RAM)
     local_cpus: int | None = None  # local Ray only; None: this machine's cores (at least workers + 1)
@@ -65,10 +72,7 @@ class RayOptions:
 
 
 # ---------------------------------------------------------------------------------------------
-# Stage 0: list the tasks (CPU tasks, one page of Label Studio's task list each)
-
-ALREADY_PREDICTED = "already predicted (this model version)"
-LIST_RETRIES = 3
+# Stage 0: list the tasks (CPU tasks, one range of task ids each) and claim them
 
 
 _CLIENTS: dict = {}   # (url, token) -> LabelStudioClient, one per worker process
@@ -83,54 +87,153 @@ def _client(url: str, token: str, timeout: float):
     return client
 
 
-@dataclass(frozen=True)
-class TaskPages:
-    """Where the tasks come from: pages of the project's task list, read by the listing tasks.
+def id_ranges(first: int, last: int, total: int, page_size: int = PAGE_SIZE,
+              most: int = 4096) -> list[tuple[int, int | None]]:
+    """Cut the task ids first..last into (after, upto) ranges of about `page_size` tasks each.
 
-    Picklable (Label Studio's URL and key, not a client). `limit`: only the first `limit` tasks.
+    A project's ids are not dense (Label Studio numbers the tasks of all projects together), so
+    the width follows the project's density: `total` tasks over `last - first + 1` ids. The last
+    range has no upper end: tasks imported during the run are listed too, as without Ray.
+    """
+    span = last - first + 1
+    width = max(page_size, math.ceil(page_size * span / max(1, total)))
+    width = max(width, math.ceil(span / most))
+    bounds = list(range(first - 1, last, width))
+    return [(after, upto) for after, upto in zip(bounds, bounds[1:])] + [(bounds[-1], None)]
+
+
+@dataclass(frozen=True)
+class TaskRanges:
+    """Where the tasks come from: ranges of task ids, each walked page by page (by id) by a listing task.
+
+    Paging by id, not by page number, keeps the listing right while annotators label during the
+    run (`--only-unlabeled`): a task that leaves the list shifts no other task, so none is skipped
+    or listed twice. Picklable (Label Studio's URL and key, not a client).
     """
     url: str
     token: str = field(repr=False)
     project: int = 0
-    pages: int = 0
-    page_size: int = 100
+    ranges: tuple[tuple[int, int | None], ...] = ()
+    page_size: int = PAGE_SIZE
     only_unlabeled: bool = False
     task_ids: tuple[int, ...] | None = None
-    limit: int | None = None
     timeout: float = 60.0
 
-    def read(self, page: int) -> list[dict]:
-        client = _client(self.url, self.token, self.timeout)
-        for attempt in range(LIST_RETRIES):
+    def read(self, index: int) -> list[dict]:
+        """The tasks of range `index` (0-based); raises LabelStudioError when Label Studio stops
+        answering (after `stages.LIST_RETRIES` tries)."""
+        after, upto = self.ranges[index]
+        return list(iter_task_range(_client(self.url, self.token, self.timeout), self.project, after_id=after,
+                                    upto_id=upto, page_size=self.page_size, only_unlabeled=self.only_unlabeled,
+                                    task_ids=self.task_ids))
+
+
+class ClaimBroker:
+    """A mailbox (a Ray actor) between the pipeline's tasks, which run anywhere in the cluster,
+    and the driver, which holds the run's claims in MODEL_DIR (where the server on that machine
+    holds its own). A listing task asks to claim its tasks and waits; the driver's claims thread
+    takes the requests, claims, and answers."""
+
+    def __init__(self):
+        import asyncio
+
+        self._asyncio = asyncio
+        self._waiting: dict[int, list] = {}
+        self._answers: dict[int, list] = {}
+        self._events: dict = {}
+        self._new = asyncio.Event()
+        self._next = 0
+
+    async def claim(self, task_ids: list, wait_s: float) -> list:
+        rid, self._next = self._next, self._next + 1
+        event = self._events[rid] = self._asyncio.Event()
+        self._waiting[rid] = list(task_ids)
+        self._new.set()
+        try:
+            await self._asyncio.wait_for(event.wait(), wait_s)
+        finally:
+            self._events.pop(rid, None)
+            self._waiting.pop(rid, None)
+        return self._answers.pop(rid)
+
+    async def take(self, wait_s: float) -> list:
+        if not self._waiting:
             try:
-                tasks, _ = client.tasks_page(self.project, page, page_size=self.page_size,
-                                             only_unlabeled=self.only_unlabeled, task_ids=self.task_ids)
-                break
-            except Exception as exc:  # noqa: BLE001 - retried, then the job stops with the reason
-                if attempt == LIST_RETRIES - 1:
-                    raise
-                logger.warning("listing page %d failed (%s); retrying", page, exc)
-                time.sleep(2.0 * (attempt + 1))
-        if self.limit is not None:
-            first = (page - 1) * self.page_size
-            tasks = tasks[:max(0, self.limit - first)]
-        return tasks
+                await self._asyncio.wait_for(self._new.wait(), wait_s)
+            except self._asyncio.TimeoutError:
+                return []
+        self._new.clear()
+        requests, self._waiting = list(self._waiting.items()), {}
+        return requests
+
+    async def answer(self, rid: int, granted: list) -> None:
+        event = self._events.get(rid)
+        if event is not None:         # the asker may have given up waiting
+            self._answers[rid] = granted
+            event.set()
 
 
-def task_rows(tasks: Sequence[Mapping[str, Any]], model_version: str) -> dict[str, list]:
-    """Listed tasks -> pipeline rows; a task that holds a prediction of `model_version` is only passed
-    along to be counted as skipped, as the plain command does (`split_done`)."""
-    from .prelabel import split_done
+CLAIM_WAIT_S = 120.0   # a listing task waits this long for the driver's answer, then fails the run
 
+
+@dataclass(frozen=True)
+class BrokeredClaims:
+    """Picklable `claim(task ids) -> granted ids` for the pipeline's tasks, through a ClaimBroker."""
+    broker: Any
+
+    def __call__(self, task_ids: list) -> set:
+        import ray
+
+        return set(ray.get(self.broker.claim.remote(list(task_ids), CLAIM_WAIT_S)))
+
+
+def serve_claims(broker: Any, claims: Any, stop: Any, get: Callable = None) -> None:
+    """The driver's claims thread: answer the broker's requests with `claims.take` until `stop` is set."""
+    if get is None:
+        import ray
+
+        get = ray.get
+    while not stop.is_set():
+        try:
+            for rid, ids in get(broker.take.remote(1.0)):
+                get(broker.answer.remote(rid, sorted(claims.take(ids), key=str)))
+        except Exception as exc:  # noqa: BLE001 - the askers time out and report it; keep serving
+            if stop.is_set():
+                return
+            logger.warning("answering claim requests failed: %s", exc)
+            stop.wait(1.0)
+
+
+def task_rows(tasks: Sequence[Mapping[str, Any]], model_version: str,
+              claim: Callable[[list], set] | None = None) -> dict[str, list]:
+    """Listed tasks -> pipeline rows. A task that holds a prediction of `model_version`, or that
+    someone else is computing (`claim` does not grant it), is only passed along to be counted as
+    skipped, as the plain command does (`split_done`, then claims)."""
     todo, done = split_done(list(tasks), model_version)
-    skipped = {t.get("id") for t in done}
+    skip = {t.get("id"): ALREADY_PREDICTED for t in done}
+    if claim is not None and todo:
+        granted = claim([t.get("id") for t in todo])
+        skip.update({t.get("id"): HELD_ELSEWHERE for t in todo if t.get("id") not in granted})
     # Only what the pipeline reads travels: a listed task also carries its annotations and predictions.
     return {"task": [json.dumps({"id": t.get("id"), "data": t.get("data")}) for t in tasks],
-            "skip": [ALREADY_PREDICTED if t.get("id") in skipped else "" for t in tasks]}
+            "skip": [skip.get(t.get("id"), "") for t in tasks]}
 
 
-def list_tasks(batch: dict[str, Any], pages: TaskPages, model_version: str) -> dict[str, list]:
-    return task_rows([task for page in batch["page"] for task in pages.read(int(page))], model_version)
+def list_tasks(batch: dict[str, Any], ranges: TaskRanges, model_version: str,
+               claim: Callable[[list], set] | None = None) -> dict[str, list]:
+    return task_rows([task for index in batch["range"] for task in ranges.read(int(index))], model_version, claim)
+
+
+def claim_rows(batch: dict[str, Any], claim: Callable[[list], set]) -> dict[str, list]:
+    """Tasks listed by the driver (`--limit`): claim those still to do, right before they are fetched."""
+    ids = {json.loads(t)["id"]: i for i, (t, skip) in enumerate(zip(batch["task"], batch["skip"])) if not skip}
+    skip = list(batch["skip"])
+    if ids:
+        granted = claim(list(ids))
+        for task_id, i in ids.items():
+            if task_id not in granted:
+                skip[i] = HELD_ELSEWHERE
+    return {"task": batch["task"], "skip": skip}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,8 +359,6 @@ class PredictActor:
         logger.info("model loaded in %.1f s (pid %d)", self.load_s, os.getpid())
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        from .prelabel import predict_tasks
-
         all_tasks = [json.loads(t) for t in batch["task"]]
         ids = [task.get("id") for task in all_tasks]
         tasks = [task for task, skip in zip(all_tasks, batch["skip"]) if not skip]
@@ -305,8 +406,6 @@ class LabelStudioUploader:
         return f"LabelStudioUploader({self.url!r}, project={self.project})"
 
     def __call__(self, payloads: list[dict]) -> tuple[list, list, dict]:
-        from .prelabel import PredictionUploader
-
         uploader = PredictionUploader(_client(self.url, self.token, self.timeout), self.project,
                                       chunk=max(1, len(payloads)))
         try:
@@ -337,7 +436,7 @@ def upload_predictions(batch: dict[str, Any], upload: Callable[[list[dict]], tup
         if payloads[i] is None:
             continue
         if task_id in skipped:
-            status[i], why[i] = "skipped", "already predicted (found just before upload)"
+            status[i], why[i] = "skipped", FOUND_BEFORE_UPLOAD
         elif task_id in failed:
             status[i], why[i] = "failed", str(failed[task_id])
     n = len(ids)
@@ -409,12 +508,15 @@ def plan_workers(options: RayOptions, settings: Settings) -> tuple[int, float]:
     return workers, (min(1.0, gpus / workers) if use_gpu else 0.0)
 
 
-def run(source: TaskPages | Sequence[Mapping[str, Any]], job: Any, settings: Settings, upload: Callable,
+def run(source: TaskRanges | Sequence[Mapping[str, Any]], job: Any, settings: Settings, upload: Callable,
         options: RayOptions, on_outcome: Callable[[dict[str, Any]], None] | None = None,
-        min_side: int | None = None) -> RayRun:
+        min_side: int | None = None, claims: RunClaims | None = None) -> RayRun:
     """Predict the tasks of `source` on Ray and store the predictions through `upload`.
 
-    `source`: `TaskPages` (the listing tasks read the pages, in parallel) or tasks already listed.
+    `source`: `TaskRanges` (the listing tasks read the ranges, in parallel) or tasks already listed.
+    `claims`: the run's claims (held by this process, in MODEL_DIR): each task is claimed right
+    after it is listed, through a `ClaimBroker`, and one someone else holds is skipped; the caller
+    gives claims back as outcomes arrive. None: no claims.
     `upload` is picklable (it runs in the upload tasks): called with a chunk of payloads, it
     returns (stored ids, skipped ids, failures {id: reason}), like `PredictionUploader.flush`.
     `min_side`: how the fetch tasks decode images, the actors' pipeline's `decode_min_side`
@@ -422,14 +524,23 @@ def run(source: TaskPages | Sequence[Mapping[str, Any]], job: Any, settings: Set
     (`task_id`, `status`: stored / skipped / failed, `why`, stage seconds) as it arrives.
     """
     ray = import_ray()
-    if not isinstance(source, TaskPages) and not source:
+    if not isinstance(source, TaskRanges) and not source:
         return RayRun()    # nothing to predict: no cluster to start or join
     started = time.perf_counter()
     connected_here = not ray.is_initialized()
     if connected_here:
         connect(options)
     result = RayRun(startup_s=time.perf_counter() - started)
+    stop = threading.Event()
+    server = None
     try:
+        claim = None
+        if claims is not None:
+            broker = ray.remote(num_cpus=0)(ClaimBroker).remote()
+            claim = BrokeredClaims(broker)
+            server = threading.Thread(target=serve_claims, args=(broker, claims, stop), name="prelabel-claims-broker",
+                                      daemon=True)
+            server.start()
         result.workers, result.gpus_per_worker = plan_workers(options, settings)
         # Ray shows each GPU actor only its own device, as cuda:0.
         actor_settings = settings.replace(device="cuda") if result.gpus_per_worker else settings
@@ -440,7 +551,7 @@ def run(source: TaskPages | Sequence[Mapping[str, Any]], job: Any, settings: Set
                               if k in ("CPU", "GPU")))
         started = time.perf_counter()
         args = (source, job, settings, actor_settings, upload, options, result.workers, result.gpus_per_worker,
-                min_side)
+                min_side, claim)
         if ray.util.client.ray.is_connected():
             rows = _outcomes_from_cluster(ray, args)   # Ray Client: the pipeline runs on the cluster
         else:
@@ -455,6 +566,9 @@ def run(source: TaskPages | Sequence[Mapping[str, Any]], job: Any, settings: Set
                 on_outcome(row)
         result.run_s = time.perf_counter() - started
     finally:
+        stop.set()
+        if server is not None:
+            server.join(timeout=5.0)
         if connected_here:
             ray.shutdown()
     return result
@@ -504,16 +618,17 @@ def _outcomes_from_cluster(ray, args: tuple) -> Iterator[dict[str, Any]]:
 
 
 def _outcomes(ray, source, job, settings, actor_settings, upload, options, workers, gpus_per_worker,
-              min_side) -> Iterator[dict[str, Any]]:
+              min_side, claim=None) -> Iterator[dict[str, Any]]:
     batch = settings.batch_size
-    if isinstance(source, TaskPages):
-        # One listing task per page, several at once: listing overlaps with the model work.
-        ds = ray.data.from_items([{"page": p} for p in range(1, source.pages + 1)],
-                                 override_num_blocks=max(1, min(source.pages, 4096)))
-        ds = ds.map_batches(list_tasks, fn_kwargs={"pages": source, "model_version": job.model_version},
+    if isinstance(source, TaskRanges):
+        # One listing task per id range, several at once: listing overlaps with the model work.
+        n = len(source.ranges)
+        ds = ray.data.from_items([{"range": i} for i in range(n)], override_num_blocks=max(1, min(n, 4096)))
+        ds = ds.map_batches(list_tasks, fn_kwargs={"ranges": source, "model_version": job.model_version,
+                                                   "claim": claim},
                             batch_size=1, batch_format="numpy", num_cpus=0.25,
                             compute=ray.data.TaskPoolStrategy(size=max(1, options.list_tasks)))
-        # A page comes out as one block, and a block goes to one actor: cut it into model batches
+        # A range comes out as one block, and a block goes to one actor: cut it into model batches
         # (streaming) so that every worker gets work.
         ds = ds.repartition(target_num_rows_per_block=batch)
     else:
@@ -521,6 +636,9 @@ def _outcomes(ray, source, job, settings, actor_settings, upload, options, worke
         rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
         # One block per model batch (bounded), so that every actor gets work from the start.
         ds = ray.data.from_items(rows, override_num_blocks=max(1, min(math.ceil(len(rows) / batch), 4096)))
+        if claim is not None:   # claimed batch by batch as they go to the fetch tasks, not all at the start
+            ds = ds.map_batches(claim_rows, fn_kwargs={"claim": claim}, batch_size=batch, batch_format="numpy",
+                                num_cpus=0.25)
     # Fetch tasks hold a quarter CPU: they mostly wait on the network, and must run beside the actors.
     ds = ds.map_batches(fetch_images, fn_kwargs={"settings": settings, "job": job, "min_side": min_side},
                         batch_size=batch,
@@ -551,8 +669,7 @@ def run_prelabel_on_ray(settings: Settings, project: int, options: RayOptions, *
     """`run_prelabel` on Ray: the same selection, skipping, summary and exit code (a PrelabelSummary,
     which also carries the Ray figures as `.ray`, a RayRun)."""
     from .label_config import parse_label_config
-    from .ls_client import LabelStudioClient, LabelStudioError
-    from .prelabel import PrelabelSummary, _progress, learned_for, select_tasks
+    from .ls_client import LabelStudioClient
 
     started = time.monotonic()
     import_ray()   # before any work: a missing Ray is a setup error
@@ -571,18 +688,29 @@ def run_prelabel_on_ray(settings: Settings, project: int, options: RayOptions, *
     total = client.count_tasks(project, only_unlabeled) if ids is None else len(ids)
     if limit is not None and total is not None:
         total = min(total, limit)
-    source: TaskPages | list[dict]
-    if total is None:   # Label Studio does not say how many: list them here, then start
-        source = list(select_tasks(client, project, only_unlabeled=only_unlabeled, task_ids=ids, limit=limit))
-        total = len(source)
-    else:
-        # One page more than counted: tasks imported meanwhile are picked up as the plain command would.
-        source = TaskPages(url=client.url, token=client.access.token, project=project,
-                           pages=math.ceil(total / PAGE_SIZE) + 1, page_size=PAGE_SIZE,
-                           only_unlabeled=only_unlabeled, task_ids=ids, limit=limit, timeout=client.timeout)
+    source: TaskRanges | list[dict] = []
+    try:
+        if total is None or limit is not None:
+            # The first `limit` tasks of the list (or Label Studio does not say how many): list them here.
+            source = list(select_tasks(client, project, only_unlabeled=only_unlabeled, task_ids=ids, limit=limit))
+            total = len(source)
+        else:
+            bounds = client.task_id_range(project, only_unlabeled=only_unlabeled, task_ids=ids)
+            if bounds is not None:
+                source = TaskRanges(url=client.url, token=client.access.token, project=project,
+                                    ranges=tuple(id_ranges(bounds[0], bounds[1], total)), page_size=PAGE_SIZE,
+                                    only_unlabeled=only_unlabeled, task_ids=ids, timeout=client.timeout)
+    except LabelStudioError as exc:
+        summary.stopped = stopped_reason(exc)
     summary.add_time("ls_read", time.perf_counter() - t0)
+    if summary.stopped:
+        summary.seconds = time.monotonic() - started
+        return summary
 
-    bar = _progress(total, progress)
+    bar = progress_bar(total, progress)
+    # Claimed in MODEL_DIR, as the plain command does: the server on this machine leaves the
+    # run's tasks alone, and the run leaves alone those the server is computing.
+    claims = RunClaims.from_settings(settings, job.model_version, project)
 
     def on_outcome(row: dict[str, Any]) -> None:
         summary.seen += 1
@@ -592,21 +720,27 @@ def run_prelabel_on_ray(settings: Settings, project: int, options: RayOptions, *
             summary.skipped[row["task_id"]] = row["why"]
         else:
             summary.failed[row["task_id"]] = row["why"]
+        (claims.stored if row["status"] == "stored" else claims.give_back)([row["task_id"]])
         bar.update(1)
         bar.set_postfix(done=summary.done, skipped=len(summary.skipped), failed=len(summary.failed), refresh=False)
 
     uploader = LabelStudioUploader(client.url, client.access.token, project, timeout=client.timeout)
+    ray_run = RayRun()
     try:
-        ray_run = run(source, job, settings, uploader, options, on_outcome=on_outcome, min_side=min_side)
-    except LabelStudioError:
-        raise
+        ray_run = run(source, job, settings, uploader, options, on_outcome=on_outcome, min_side=min_side,
+                      claims=claims)
+    except LabelStudioError as exc:
+        summary.stopped = stopped_reason(exc)
     except Exception as exc:
         if "LabelStudioError" not in f"{type(exc).__name__}: {exc}":
             raise
-        # Listing a page failed in a Ray task (after retries): the same exit as without Ray.
-        raise LabelStudioError(f"listing the tasks of project {project} failed: {str(exc)[-500:]}") from None
+        # Listing a range failed in a Ray task (after retries): a failed run with its summary, as without Ray.
+        summary.stopped = f"listing tasks failed in a Ray task: {str(exc)[-300:]}"
     finally:
         bar.close()
+        claims.close()
+    if summary.stopped:
+        logger.error("project %s: %s", project, summary.stopped)
     if ray_run.startup_s:
         summary.add_time("ray_start", ray_run.startup_s)
     for stage, seconds in ray_run.timings.items():

@@ -118,9 +118,13 @@ def create_app(settings: Settings, model: GemBackendModel | None = None, load: b
     claims = _claim_store(settings)
     client, why = _label_studio_client(settings)
     finisher = BackgroundFinisher(lambda: model.pipeline, client, claims, settings.background_queue,
-                                  metrics=metrics, unavailable=why, batch_tasks=max(2 * settings.batch_size, 8))
+                                  metrics=metrics, unavailable=why, batch_tasks=max(2 * settings.batch_size, 8),
+                                  prepare=lambda config, project: model.prepare(None, label_config=config,
+                                                                                project=project),
+                                  retry_max_s=settings.ls_retry_max)
     batch = BudgetedBatch(model, finisher, claims, settings.predict_budget, metrics=metrics)
-    atexit.register(finisher.close)   # gunicorn worker exit, Ctrl-C: queued tasks are asked for again later
+    atexit.register(finisher.close)   # gunicorn worker exit, Ctrl-C: the outbox keeps the rest for the next start
+    finisher.resume()                 # what a previous process (killed, restarted) left in the outbox
 
     app = Flask("backend")
     app.config["MAX_CONTENT_LENGTH"] = int(settings.max_request_mb * 1024 * 1024)
@@ -305,12 +309,12 @@ def create_app(settings: Settings, model: GemBackendModel | None = None, load: b
 def _claim_store(settings: Settings) -> ClaimStore:
     """Task claims shared by this MODEL_DIR's processes (backend/claims.py); a private file if unwritable."""
     try:
-        return ClaimStore(os.path.join(settings.model_dir, "claims.sqlite"))
+        return ClaimStore(os.path.join(settings.model_dir, "claims.sqlite"), lease_s=settings.claim_lease)
     except (OSError, sqlite3.Error) as exc:
         path = os.path.join(tempfile.gettempdir(), f"gem-claims-{os.getpid()}.sqlite")
         logger.warning("MODEL_DIR %s is not writable (%s): task claims are kept in %s, so several workers may "
                        "compute the same task", settings.model_dir, exc, path)
-        return ClaimStore(path)
+        return ClaimStore(path, lease_s=settings.claim_lease)
 
 
 def _label_studio_client(settings: Settings) -> tuple[LabelStudioClient | None, str]:

@@ -20,6 +20,8 @@ OUTPUT_KINDS = ("brush", "polygon", "rectangle")
 PRECISIONS = ("fp32", "fp16", "bf16")
 MODES = ("gem", "clearclip", "naclip")
 RESIZE_MODES = ("short", "long", "square")
+POS_EMBEDS = ("antialias", "authors")
+PROTOCOLS = ("", "gem", "clearclip", "naclip")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 class SettingsError(ValueError):
@@ -81,6 +83,17 @@ def _choice(choices: tuple[str, ...], upper: bool = False) -> Callable[[str], st
             raise ValueError(f"expected one of {', '.join(choices)}")
         return value
     return parse
+
+
+def _dilations(raw: str) -> tuple[int, ...]:
+    parts = [p for p in raw.replace(",", " ").split() if p]
+    try:
+        values = tuple(int(p) for p in parts)
+    except ValueError:
+        raise ValueError("expected a comma list of positive integers, e.g. 8,16") from None
+    if not values or min(values) < 1:
+        raise ValueError("expected a comma list of positive integers, e.g. 8,16")
+    return values
 
 
 def _outputs(raw: str) -> tuple[str, ...]:
@@ -181,6 +194,20 @@ class Settings:
                            "PAMR mask refinement: iterations of image-guided smoothing of the heatmaps at "
                            "the model's input resolution (10 in the paper); 0 = off",
                            parse=_int(0, 100), group="Model")
+    pamr_dilations: tuple[int, ...] = knob("GEM_PAMR_DILATIONS", (1, 2, 4, 8, 12, 24),
+                                           "PAMR neighbourhoods: the 8 pixels around each pixel at these distances "
+                                           "(NACLIP uses 8,16 at the original resolution)", unit="px",
+                                           parse=_dilations, group="Model")
+    pos_embed: str = knob("GEM_POS_EMBED", "antialias",
+                          "positional embeddings on other patch grids: `antialias` (bicubic, antialiased, GEM's "
+                          "way) or `authors` (ClearCLIP's and NACLIP's bicubic with the +0.1 scale factor)",
+                          parse=_choice(POS_EMBEDS), group="Model")
+    protocol: str = knob("GEM_PROTOCOL", "",
+                         "preset of a method's own choices: `gem`, `clearclip` (448 px, 448/224 windows, "
+                         "authors' positional embeddings) or `naclip` (336 px, 224/112 windows, PAMR 10x at 8,16, "
+                         "authors' positional embeddings); sets GEM_METHOD, GEM_IMAGE_SIZE, GEM_SLIDE_*, GEM_PAMR_* "
+                         "and GEM_POS_EMBED where those are not set; empty = none (docs/EVALUATION.md)",
+                         parse=_choice(PROTOCOLS), group="Model")
     batch_size: int = knob("GEM_BATCH_SIZE", 8, "images encoded per model call", unit="images",
                            parse=_int(1, 1024), group="Model")
     torch_threads: int = knob("GEM_TORCH_THREADS", 0,
@@ -230,6 +257,16 @@ class Settings:
                                  "most tasks waiting to be finished in the background per worker process; "
                                  "more are left for the next Retrieve Predictions; 0 = no background finishing",
                                  unit="tasks", parse=_int(0, 10_000_000), group="Prediction")
+    ls_retry_max: float = knob("GEM_LS_RETRY_MAX", 30.0,
+                               "longest wait between two tries to reach Label Studio while it is unreachable "
+                               "(the background finisher pauses and keeps its predictions in MODEL_DIR's "
+                               "outbox; waits double from 1 s up to this)",
+                               unit="s", parse=_float(minimum=0.1), group="Prediction")
+    claim_lease: float = knob("GEM_CLAIM_LEASE", 120.0,
+                              "how long a task claim lasts unless its holder renews it (a heartbeat renews "
+                              "every quarter of it while the work runs); claims of processes that died on "
+                              "this host are ignored at once",
+                              unit="s", parse=_float(minimum=1.0), group="Prediction")
 
     # Images
     fetch_timeout: float = knob("GEM_FETCH_TIMEOUT", 30.0, "time limit for downloading one image, all hops",
@@ -324,8 +361,8 @@ class Settings:
                                  "(each stores a chunk of --upload-chunk predictions)", parse=_int(1, 256),
                                  group="Ray")
     ray_list_tasks: int = knob("GEM_RAY_LIST_TASKS", 2,
-                               "with --ray: listing tasks running at once, each reading one page of 100 tasks "
-                               "of the project from Label Studio", parse=_int(1, 256), group="Ray")
+                               "with --ray: listing tasks running at once, each reading one range of task ids "
+                               "(about 100 tasks) of the project from Label Studio", parse=_int(1, 256), group="Ray")
     ray_object_store_mb: float = knob("GEM_RAY_OBJECT_STORE_MB", 0.0,
                                       "with --ray and no address (a local Ray): object store size, which holds "
                                       "the decoded images between stages; 0 = Ray's default (30% of RAM)",
@@ -355,6 +392,9 @@ class Settings:
             except ValueError as exc:
                 shown = "<hidden>" if f.metadata["secret"] else repr(raw)
                 errors.append(f"{f.metadata['env']}={shown}: {exc}")
+
+        if values.get("protocol"):
+            values.update(protocol_defaults(values["protocol"], environ))
 
         overrides = []
         for rk in region_knobs():
@@ -415,6 +455,24 @@ class Settings:
         for rk in region_knobs():   # every region setting, with its effective value
             out[rk.env] = region.get(rk.field, rk.default)
         return out
+
+
+# What a protocol preset sets in the backend: the choices that exist here (the evaluation's
+# thresholds, softmax, class names and rescaling have no backend counterpart).
+_PROTOCOL_KNOBS = (("method", "GEM_METHOD"), ("image_size", "GEM_IMAGE_SIZE"), ("slide_crop", "GEM_SLIDE_CROP"),
+                   ("slide_stride", "GEM_SLIDE_STRIDE"), ("pamr_iters", "GEM_PAMR_ITERS"),
+                   ("pamr_dilations", "GEM_PAMR_DILATIONS"), ("pos_embed", "GEM_POS_EMBED"))
+
+
+def protocol_defaults(name: str, environ: Mapping[str, str]) -> dict[str, Any]:
+    """The settings a GEM_PROTOCOL preset gives, for those knobs the environment leaves unset."""
+    from gem_model.protocols import protocol
+
+    preset = protocol(name)
+    values = {"method": preset.method, "image_size": preset.image_size, "slide_crop": preset.slide_crop,
+              "slide_stride": preset.slide_stride or Settings.slide_stride, "pamr_iters": preset.pamr_iters,
+              "pamr_dilations": tuple(preset.pamr_dilations), "pos_embed": preset.pos_embed}
+    return {field: values[field] for field, env in _PROTOCOL_KNOBS if not (environ.get(env) or "").strip()}
 
 
 def check_model_files(settings: Settings) -> None:

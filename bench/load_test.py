@@ -347,6 +347,10 @@ def run(threads: int = 16, requests_per_thread: int = 10, max_seconds: float = 2
                                 report.stopped_early = True
                             return
                         name, body = catalogue[(t * 7 + j * 5) % len(catalogue)]
+                        # Each send names its own tasks: two requests for the same task at once are
+                        # answered with a result by one of them only (backend/claims.py), by design.
+                        body = {**body, "tasks": [{**task, "id": task["id"] + 100_000 * (1 + t * requests_per_thread + j)}
+                                                  for task in body["tasks"]]}
                         t0 = time.perf_counter()
                         try:
                             reply = s.post(f"{server.url}/predict", json=body, timeout=60)

@@ -79,6 +79,35 @@ COCO_OBJECT_CLASSES = (
 )
 
 
+CITYSCAPES_CLASSES = (
+    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
+    "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle",
+    "bicycle",
+)
+
+# The class names of ClearCLIP's and NACLIP's evaluation (their configs/cls_*.txt, mc-lan/ClearCLIP
+# @ad68a40 and sinahmr/NACLIP @0cac3a6), as changes to the lists above. Both keep the label files'
+# contractions ("pottedplant", "chestofdrawers") and say "ship" and "table" for VOC's boat and
+# dining table; NACLIP adds synonyms for person and tv monitor and keeps the background words where
+# ClearCLIP queries the word "background"; on Context-60 both query "background".
+_PERSON_SYNONYMS = ("person", "person in shirt", "person in jeans", "person in dress",
+                    "person in sweater", "person in skirt", "person in jacket")
+_VOC_RENAMES = {"boat": ("ship",), "dining table": ("table",), "potted plant": ("pottedplant",)}
+_AUTHORS_NAMES = {
+    ("naclip", "voc"): {**_VOC_RENAMES, "person": _PERSON_SYNONYMS,
+                        "tv monitor": ("television monitor", "tv monitor", "monitor", "television", "screen")},
+    ("clearclip", "voc"): {**_VOC_RENAMES, "tv monitor": ("tvmonitor",), "background": ("background",)},
+    ("naclip", "coco-object"): {"person": _PERSON_SYNONYMS + ("body",)},
+    ("clearclip", "coco-object"): {"background": ("background",)},
+}
+for _who in ("naclip", "clearclip"):
+    _AUTHORS_NAMES[(_who, "voc20")] = {k: v for k, v in _AUTHORS_NAMES[(_who, "voc")].items() if k != "background"}
+    _AUTHORS_NAMES[(_who, "context")] = {"potted plant": ("pottedplant",), "tv monitor": ("tvmonitor",)}
+    _AUTHORS_NAMES[(_who, "context60")] = {**_AUTHORS_NAMES[(_who, "context")], "background": ("background",)}
+    _AUTHORS_NAMES[(_who, "ade")] = "join"          # every multi-word name written as one word
+    _AUTHORS_NAMES[(_who, "cityscapes")] = "join"
+
+
 @dataclass
 class Sample:
     name: str
@@ -243,8 +272,48 @@ def read_folder(root: Path, split: str = "") -> list[SampleRef]:
     return [SampleRef(name, by_stem[name], masks / f"{name}.png") for name in names]
 
 
+def read_voc20(root: Path, split: str) -> list[SampleRef]:
+    """VOC 2012 without its background: 0 and the 255 border ignored, the 20 objects 0..19."""
+    return [SampleRef(r.name, r.image_path, r.label_path, reduce_zero_label) for r in read_voc(root, split)]
+
+
+def read_cityscapes(root: Path, split: str) -> list[SampleRef]:
+    """Cityscapes: leftImg8bit/<split>/<city>/*_leftImg8bit.png and gtFine/<split>/<city>/
+    *_gtFine_labelTrainIds.png (19 classes, 255 ignored; written by cityscapesscripts' or
+    mmsegmentation's conversion)."""
+    images = _need_dir(root / "leftImg8bit" / split, "image folder")
+    labels = _need_dir(root / "gtFine" / split, "label folder")
+    suffix = "_gtFine_labelTrainIds.png"
+    refs = []
+    for label in sorted(labels.glob(f"*/*{suffix}")):
+        stem = label.name[:-len(suffix)]
+        refs.append(SampleRef(f"{label.parent.name}/{stem}",
+                              images / label.parent.name / f"{stem}_leftImg8bit.png", label))
+    return refs
+
+
 def _with_background(names: Sequence[str]) -> list[tuple[str, ...]]:
     return [BACKGROUND_WORDS] + [(n,) for n in names]
+
+
+def protocol_classes(spec: "DatasetSpec", names: str = "project") -> list[tuple[str, ...]]:
+    """The query names of each class of `spec` under a protocol's naming ("project", or the
+    authors' lists: "clearclip", "naclip"); the project's where the authors list nothing."""
+    if names == "project":
+        return list(spec.classes)
+    if names not in ("clearclip", "naclip"):
+        raise GemError(f"class names must be project, clearclip or naclip, got {names!r}")
+    changes = _AUTHORS_NAMES.get((names, spec.key))
+    if changes is None:
+        return list(spec.classes)
+    out = []
+    for i, query in enumerate(spec.classes):
+        key = "background" if i == spec.background else query[0]
+        if changes == "join":
+            out.append(tuple(n.replace(" ", "") for n in query))
+        else:
+            out.append(tuple(changes.get(key, query)))
+    return out
 
 
 DATASETS = {
@@ -257,6 +326,10 @@ DATASETS = {
     "ade": DatasetSpec("ade", "ADE20K (150 classes)", [(n,) for n in ADE_CLASSES], read_ade),
     "coco-object": DatasetSpec("coco-object", "COCO-Object (81 classes with background)",
                                _with_background(COCO_OBJECT_CLASSES), read_coco_object, background=0),
+    "voc20": DatasetSpec("voc20", "PASCAL VOC 2012 (20 classes, background ignored)",
+                         [(n,) for n in VOC_CLASSES], read_voc20),
+    "cityscapes": DatasetSpec("cityscapes", "Cityscapes (19 classes)", [(n,) for n in CITYSCAPES_CLASSES],
+                              read_cityscapes),
 }
 
 

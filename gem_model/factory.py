@@ -185,7 +185,8 @@ def create_gem_model(model_name: str = "ViT-B-16", pretrained: Optional[str] = "
                      prompt_template: str = "a photo of a {}.",
                      text_cache_size: int = 4096, quick_gelu: Optional[bool] = None,
                      mode: str = "gem", naclip_sigma: float = 5.0,
-                     slide_crop: int = 0, slide_stride: int = 0, pamr_iters: int = 0) -> GemModel:
+                     slide_crop: int = 0, slide_stride: int = 0, pamr_iters: int = 0,
+                     pamr_dilations=None, pos_embed_resize: str = "antialias") -> GemModel:
     """Load an open_clip ViT and wrap it as a GEM model, in eval mode, on `device`.
 
     `pretrained` is an open_clip tag (e.g. "openai", "laion2b_s34b_b88k") or a path to a local
@@ -195,7 +196,9 @@ def create_gem_model(model_name: str = "ViT-B-16", pretrained: Optional[str] = "
 
     mode: "gem" (default), "clearclip" or "naclip" (training-free variants of the last block; see
     gem_model.model). slide_crop/slide_stride: sliding-window encoding in pixels (0 = off).
-    pamr_iters: PAMR refinement of the similarity maps (gem_model.pamr; 0 = off).
+    pamr_iters: PAMR refinement of the similarity maps (gem_model.pamr; 0 = off), at pamr_dilations
+    (None = gem_model.pamr.DEFAULT_DILATIONS). pos_embed_resize: "antialias" or "authors" (ClearCLIP's
+    and NACLIP's positional-embedding resize; gem_model.model.resize_patch_positions).
     """
     if precision not in PRECISIONS:
         raise GemError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
@@ -204,7 +207,9 @@ def create_gem_model(model_name: str = "ViT-B-16", pretrained: Optional[str] = "
     model = GemModel(clip, tokenizer, gem_depth=gem_depth, ss_attn_iter=ss_attn_iter,
                      ss_attn_temp=ss_attn_temp, prompt_template=prompt_template,
                      text_cache_size=text_cache_size, mode=mode, naclip_sigma=naclip_sigma,
-                     slide_crop=slide_crop, slide_stride=slide_stride, pamr_iters=pamr_iters)
+                     slide_crop=slide_crop, slide_stride=slide_stride, pamr_iters=pamr_iters,
+                     pos_embed_resize=pos_embed_resize,
+                     **({} if pamr_dilations is None else {"pamr_dilations": pamr_dilations}))
     model = model.to(device=device, dtype=PRECISIONS[precision]).eval()
     model.model_name = normalize_model_name(model_name)
     model.pretrained = parse_pretrained(pretrained)

@@ -22,8 +22,13 @@ Sliding windows (`slide_crop`, `slide_stride`, in pixels): the image is covered 
 every `stride` pixels (the last one flush with the border); each window is encoded on its own and the
 L2-normalised tokens of overlapping windows are averaged, which equals averaging their similarity maps.
 
-PAMR (`pamr_iters` > 0, gem_model.pamr): the similarity maps are refined at the model input's
-resolution, guided by the input image, before they are resized to the requested size.
+PAMR (`pamr_iters` > 0, gem_model.pamr, at `pamr_dilations`): the similarity maps are refined at
+the model input's resolution, guided by the input image, before they are resized to the requested size.
+
+Positional embeddings on another patch grid (`pos_embed_resize`): "antialias" resamples them bicubic,
+antialiased, to the grid size (the GEM package's way, the default); "authors" is ClearCLIP's and
+NACLIP's way: bicubic without antialiasing, by the scale factor (grid + 0.1) / native grid, so the
+sample positions are those of a grid 0.1 patch larger (docs/GEM.md, "Positional embeddings").
 """
 from __future__ import annotations
 
@@ -39,7 +44,7 @@ import torch.nn.functional as F
 from .attention import (adaptive_temperature, gaussian_neighbourhood_bias, multi_head_attention,
                         neighbourhood_attention, query_query_attention, self_self_attention)
 from .errors import InvalidInputError, UnsupportedModelError
-from .pamr import pamr
+from .pamr import DEFAULT_DILATIONS, parse_dilations, pamr
 
 
 @dataclass
@@ -84,6 +89,7 @@ CPU_TOKENS_PER_PASS = 2048
 _POS_CACHE_SIZE = 64
 
 MODES = ("gem", "clearclip", "naclip")
+POS_EMBED_RESIZES = ("antialias", "authors")
 
 
 def window_starts(length: int, crop: int, stride: int) -> list[int]:
@@ -149,7 +155,8 @@ class GemModel(nn.Module):
     def __init__(self, clip: nn.Module, tokenizer, gem_depth: int = 7, ss_attn_iter: int = 1,
                  ss_attn_temp: Optional[float] = None, prompt_template: str = "a photo of a {}.",
                  text_cache_size: int = 4096, mode: str = "gem", naclip_sigma: float = 5.0,
-                 slide_crop: int = 0, slide_stride: int = 0, pamr_iters: int = 0):
+                 slide_crop: int = 0, slide_stride: int = 0, pamr_iters: int = 0,
+                 pamr_dilations: Sequence[int] = DEFAULT_DILATIONS, pos_embed_resize: str = "antialias"):
         super().__init__()
         visual = getattr(clip, "visual", None)
         from open_clip.transformer import VisionTransformer
@@ -177,6 +184,9 @@ class GemModel(nn.Module):
             raise InvalidInputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         if pamr_iters < 0:
             raise InvalidInputError(f"pamr_iters must be >= 0, got {pamr_iters}")
+        if pos_embed_resize not in POS_EMBED_RESIZES:
+            raise InvalidInputError(f"pos_embed_resize must be one of {', '.join(POS_EMBED_RESIZES)}, "
+                                    f"got {pos_embed_resize!r}")
         if not naclip_sigma > 0:
             raise InvalidInputError(f"naclip_sigma must be positive, got {naclip_sigma}")
         if mode != "gem":
@@ -191,6 +201,8 @@ class GemModel(nn.Module):
         self.mode = mode
         self.naclip_sigma = float(naclip_sigma)
         self.pamr_iters = int(pamr_iters)
+        self.pamr_dilations = parse_dilations(pamr_dilations)
+        self.pos_embed_resize = pos_embed_resize
         self.slide_crop = 0
         self.slide_stride = 0
         self.set_sliding_window(slide_crop, slide_stride)
@@ -252,18 +264,17 @@ class GemModel(nn.Module):
 
     # -- image path -----------------------------------------------------------------------------
     def _positional_embedding(self, grid: tuple[int, int]) -> torch.Tensor:
-        """[1 + h*w, C] positional embedding resampled to the patch grid (bicubic, antialiased)."""
+        """[1 + h*w, C] positional embedding resampled to the patch grid (`pos_embed_resize`)."""
         pos = self.visual.positional_embedding
         native = tuple(self.visual.grid_size)
         if grid == native:
             return pos
-        key = (grid, pos.dtype, pos.device)
+        key = (grid, pos.dtype, pos.device, self.pos_embed_resize)
         cached = self._pos_cache.get(key)
         if cached is None:
             cls_pos, patch_pos = pos[:1], pos[1:]
             patch_pos = patch_pos.reshape(1, native[0], native[1], -1).permute(0, 3, 1, 2)
-            patch_pos = F.interpolate(patch_pos.float(), size=grid, mode="bicubic",
-                                      antialias=True, align_corners=False)
+            patch_pos = resize_patch_positions(patch_pos.float(), grid, self.pos_embed_resize)
             patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1).to(pos.dtype)
             cached = torch.cat([cls_pos, patch_pos])
             if len(self._pos_cache) >= _POS_CACHE_SIZE:   # one entry per grid size seen: bound it
@@ -471,7 +482,7 @@ class GemModel(nn.Module):
             # PAMR at the model input's resolution, guided by that image (its per-channel
             # normalisation cancels in PAMR's affinities).
             sims = F.interpolate(sims, size=features.input_size, mode="bilinear", align_corners=False)
-            sims = pamr(features.guide, sims, iterations=self.pamr_iters)
+            sims = pamr(features.guide, sims, iterations=self.pamr_iters, dilations=self.pamr_dilations)
         if sims.shape[-2:] != size:
             sims = F.interpolate(sims, size=size, mode="bilinear", align_corners=False)
         return minmax_normalize(sims) if normalize else sims
@@ -509,6 +520,27 @@ class GemModel(nn.Module):
         return [self.similarity(features[i], image_prompts, normalize=normalize,
                                 return_ori=return_ori)[0]
                 for i, image_prompts in enumerate(prompts)]
+
+
+def resize_patch_positions(grid_pos: torch.Tensor, grid: tuple[int, int], how: str = "antialias") -> torch.Tensor:
+    """Patch positional embeddings [1, C, h0, w0] -> [1, C, *grid], bicubic.
+
+    antialias: sampled for the output size, antialiased when shrinking.
+    authors:   ClearCLIP's and NACLIP's resize, by the scale factors (g + 0.1) / g0 with no
+               antialiasing; the output still has g positions per side, but each sits where the
+               (g + 0.1)-grid would put it ((i + 0.5) g0 / (g + 0.1) - 0.5 in source positions).
+    """
+    if how == "antialias":
+        return F.interpolate(grid_pos, size=grid, mode="bicubic", antialias=True, align_corners=False)
+    if how != "authors":
+        raise InvalidInputError(f"pos_embed_resize must be one of {', '.join(POS_EMBED_RESIZES)}, got {how!r}")
+    h0, w0 = grid_pos.shape[-2:]
+    factors = ((grid[0] + 0.1) / h0, (grid[1] + 0.1) / w0)
+    out = F.interpolate(grid_pos, scale_factor=factors, mode="bicubic", align_corners=False,
+                        recompute_scale_factor=False)
+    if tuple(out.shape[-2:]) != tuple(grid):     # floor(g0 * (g + 0.1) / g0) is g unless rounding bites
+        raise InvalidInputError(f"positional embedding resize gave {tuple(out.shape[-2:])} for grid {grid}")
+    return out
 
 
 def minmax_normalize(maps: torch.Tensor) -> torch.Tensor:

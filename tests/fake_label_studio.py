@@ -29,7 +29,10 @@ class FakeLabelStudio:
         self.files: dict[str, tuple[bytes, str]] = {}      # /data/upload/... path -> (bytes, content type)
         self.refresh_token: str | None = None               # a personal access token it accepts
         self.access_tokens: set[str] = set()                 # access tokens it handed out and still accepts
-        self.lock = threading.Lock()
+        self.after_list: list = []                           # hooks called (lock held) after each task page
+        self.ignore_id_filter = False                         # behave like a Label Studio without the id filter
+        self.unavailable = False                             # True: every call answers 503 (a proxy, LS down)
+        self.lock = threading.RLock()   # re-entrant: after_list hooks run with it held
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -68,6 +71,11 @@ class FakeLabelStudio:
                 ids.append(tid)
         return ids
 
+    def annotate(self, task_ids) -> None:
+        """Give these tasks an annotation (an annotator at work). Call with the lock held or not."""
+        for tid in task_ids:
+            self.tasks[tid]["annotations"] = [{"id": 10_000 + tid, "result": []}]
+
     def add_file(self, name: str, data: bytes, content_type: str = "image/png") -> str:
         """Serve `data` as an upload; returns the task data URL (`/data/upload/1/<name>`)."""
         path = f"/data/upload/1/{name}"
@@ -99,6 +107,8 @@ class FakeLabelStudio:
         query = {k: v[0] for k, v in parse_qs(parts.query).items()}
         with self.lock:
             self.requests.append((method, parts.path))
+        if self.unavailable:
+            return self._reply(handler, 503, {"detail": "Service Unavailable"})
         if method == "POST" and parts.path == "/api/token/refresh/" and self.refresh_token:
             length = int(handler.headers.get("Content-Length") or 0)
             sent = json.loads(handler.rfile.read(length) or b"{}").get("refresh")
@@ -158,11 +168,18 @@ class FakeLabelStudio:
         for item in (q.get("filters") or {}).get("items", ()):
             if item["filter"] == "filter:tasks:total_annotations" and item["operator"] == "equal":
                 tasks = [t for t in tasks if len(t["annotations"]) == item["value"]]
+            elif item["filter"] == "filter:tasks:id" and not self.ignore_id_filter:
+                compare = {"greater": lambda a, b: a > b, "less_or_equal": lambda a, b: a <= b}[item["operator"]]
+                tasks = [t for t in tasks if compare(t["id"], float(item["value"]))]
+        if (q.get("ordering") or [""])[0].startswith("-"):
+            tasks.reverse()
         page, size = int(query.get("page", 1)), int(query.get("page_size", 100))
         chunk = tasks[(page - 1) * size: page * size]
         if page > 1 and not chunk:
             return self._reply(handler, 404, {"detail": "Invalid page.", "status_code": 404})
         self._reply(handler, 200, {"total": len(tasks), "tasks": [self._task_view(t) for t in chunk]})
+        for hook in list(self.after_list):   # e.g. an annotator labelling tasks between two pages
+            hook(self)
 
     @staticmethod
     def _reply(handler, status: int, body: Any) -> None:

@@ -46,37 +46,6 @@ def _wait(condition, timeout=20.0):
     raise AssertionError("timed out waiting")
 
 
-# -- claims -----------------------------------------------------------------------------------
-
-
-def test_a_claimed_task_is_given_to_one_owner_only(tmp_path):
-    a = ClaimStore(str(tmp_path / "c.sqlite"))
-    b = ClaimStore(str(tmp_path / "c.sqlite"))
-    assert a.claim([1, 2, 3], "v") == {"1", "2", "3"}
-    assert b.claim([2, 3, 4], "v") == {"4"}
-    assert b.claim([2], "other-version") == {"2"}       # per model version
-    assert b.held_by_others([1, 2, 4], "v") == {"1", "2"}
-    a.release([2], "v")
-    assert b.claim([2], "v") == {"2"}
-    a.release_all()
-    assert b.held_by_others([1, 3], "v") == set()
-
-
-def test_claims_expire_and_die_with_their_process(tmp_path):
-    path = str(tmp_path / "c.sqlite")
-    short = ClaimStore(path, lease_s=0.05)
-    short.claim([1], "v")
-    other = ClaimStore(path)
-    assert other.claim([1], "v") == set()
-    time.sleep(0.1)
-    assert other.claim([1], "v") == {"1"}               # the lease ran out
-    # a claim made by a process that has exited is ignored at once
-    code = ("import sys; from backend.claims import ClaimStore; "
-            f"ClaimStore({str(tmp_path / 'd.sqlite')!r}).claim([7], 'v')")
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
-    assert ClaimStore(str(tmp_path / "d.sqlite")).claim([7], "v") == {"7"}
-
-
 # -- budget + background --------------------------------------------------------------------------
 
 
@@ -136,14 +105,14 @@ def test_tasks_listing_a_prediction_of_this_version_are_not_answered_again(tmp_p
 
 def test_without_label_studio_access_the_answer_says_what_to_set(tmp_path, fake_ls, caplog):
     app, gem = _app(tmp_path, SlowPredictor(0.05), predict_budget=0.01)
-    results = _predict(app.test_client(), _tasks(fake_ls, 6))
+    tasks = _tasks(fake_ls, 6)
+    results = _predict(app.test_client(), tasks)
     left = [r for r in results if "result" not in r]
     assert left and all("LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY are not set" in r["error"] for r in left)
     assert "cannot be finished in the background" in caplog.text
     assert gem.finisher.queued() == 0
     # nothing stays claimed: the next Retrieve Predictions may compute them
-    assert ClaimStore(str(tmp_path / "claims.sqlite")).held_by_others([t["id"] for t in _tasks(fake_ls, 0)] or [1],
-                                                                       VERSION) == set()
+    assert ClaimStore(str(tmp_path / "claims.sqlite")).busy([t["id"] for t in tasks], VERSION) == set()
 
 
 def test_a_full_queue_leaves_the_rest_for_later(tmp_path, fake_ls):
@@ -157,21 +126,26 @@ def test_a_full_queue_leaves_the_rest_for_later(tmp_path, fake_ls):
     gem.finisher.close()
 
 
-def test_shutdown_drops_the_queue_and_its_claims(tmp_path, fake_ls):
+def test_shutdown_keeps_the_queue_for_the_next_start(tmp_path, fake_ls):
     app, gem = _app(tmp_path, SlowPredictor(0.1), predict_budget=0.01, label_studio_url=fake_ls.url,
                     label_studio_api_key=TOKEN)
     tasks = _tasks(fake_ls, 20)
-    _predict(app.test_client(), tasks)
+    results = _predict(app.test_client(), tasks)
     gem.finisher.close(timeout=10)
-    assert gem.finisher.queued() == 0 and gem.finisher.counts["dropped"] > 0
     assert not gem.finisher._thread.is_alive()
-    others = ClaimStore(str(tmp_path / "claims.sqlite"))
-    # nothing left claimed but the short "just stored" markers of tasks that are stored
+    left = gem.finisher.outbox.size()
+    assert left > 0                                     # not dropped: kept in MODEL_DIR's outbox
+    # the closed finisher released its claims: only "just stored" markers remain
     stored_ids = {str(p["task"]) for p in fake_ls.predictions}
-    assert others.held_by_others([t["id"] for t in tasks], VERSION) <= stored_ids
-    stored = len(fake_ls.predictions)
-    assert stored + gem.finisher.counts["dropped"] + gem.finisher.counts["failed"] <= 20
+    assert ClaimStore(str(tmp_path / "claims.sqlite")).busy([t["id"] for t in tasks], VERSION) <= stored_ids
     assert gem.finisher.submit(tasks[:1], gem.model.prepare(label_config=BRUSH_CONFIG), 1) == [False]
+    # the next start (same MODEL_DIR) finishes them by itself, each task stored once
+    app2, gem2 = _app(tmp_path, SlowPredictor(0.01), predict_budget=0.01, label_studio_url=fake_ls.url,
+                      label_studio_api_key=TOKEN)
+    _wait(lambda: gem2.finisher.outbox.size() == 0)
+    for task, result in zip(tasks, results):
+        assert len(fake_ls.predictions_of(task["id"])) == (0 if "result" in result else 1), task["id"]
+    gem2.finisher.close()
 
 
 def test_interactive_calls_have_no_budget(tmp_path, fake_ls):
@@ -224,3 +198,38 @@ def test_a_task_just_stored_in_the_background_is_not_computed_again(tmp_path, fa
     again = _predict(client, stale)
     assert all("result" not in r for r in again)
     gem.finisher.close()
+
+
+def test_a_stalled_download_does_not_stall_the_background_queue(tmp_path, monkeypatch):
+    """Without a deadline (the finisher's case) a task's downloads are waited for a bounded time."""
+    import threading
+
+    import backend.pipeline as pipeline_module
+    from backend.pipeline import PredictionPipeline
+
+    monkeypatch.setattr(pipeline_module, "FETCH_DECODE_ALLOWANCE_S", 0.0)
+    settings = Settings(model_dir=str(tmp_path), model_version=VERSION, batch_size=2, fetch_timeout=0.3)
+    pipeline = PredictionPipeline(settings, FakePredictor(), region_extractor=fake_extract_regions)
+    release = threading.Event()
+    real_download = pipeline.fetcher.download
+
+    def download(url, **kwargs):
+        if url == "http://stalled.example/x.png":
+            release.wait(30)        # a server that never finishes (the fetcher's own limit broken)
+        return real_download(url, **kwargs)
+
+    monkeypatch.setattr(pipeline.fetcher, "download", download)
+    from backend.label_config import parse_label_config
+    job = pipeline.prepare(parse_label_config(BRUSH_CONFIG, settings.outputs))
+    tasks = [{"id": 1, "data": {"image": "http://stalled.example/x.png"}},
+             {"id": 2, "data": {"image": data_uri(square_image())}}]
+    try:
+        started = time.monotonic()
+        predictions, report = pipeline.predict(tasks, job)
+        took = time.monotonic() - started
+    finally:
+        release.set()
+    assert report.outcomes[0].reason == "timeout" and "GEM_FETCH_TIMEOUT=0.3" in report.outcomes[0].message
+    assert report.outcomes[1].ok and predictions[1]["result"]
+    assert took < 10        # not the 30 s the download hangs for
+    pipeline.close()

@@ -1,5 +1,6 @@
 """The evaluation command on tiny synthetic datasets whose mIoU is known exactly."""
 import json
+import math
 
 import numpy as np
 import pytest
@@ -170,7 +171,8 @@ def test_missing_layout_is_a_clear_error(tmp_path, capsys):
 
 def test_class_lists_have_the_standard_sizes():
     sizes = {k: len(s.classes) for k, s in datasets.DATASETS.items()}
-    assert sizes == {"voc": 21, "context": 59, "context60": 60, "ade": 150, "coco-object": 81}
+    assert sizes == {"voc": 21, "context": 59, "context60": 60, "ade": 150, "coco-object": 81,
+                     "voc20": 20, "cityscapes": 19}
     assert len(prompt_templates("imagenet80")) == 80
 
 
@@ -185,6 +187,23 @@ def test_cli_runs_the_model_end_to_end(tmp_path, tiny_model_files, capsys, mode)
     assert code == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("mIoU: ") and 0 <= float(last.split()[1]) <= 100
+
+
+@pytest.mark.parametrize("protocol", ["gem", "clearclip", "naclip"])
+def test_cli_runs_each_protocol_end_to_end(tmp_path, tiny_model_files, capsys, protocol):
+    name, config_path, checkpoint = tiny_model_files
+    write_voc(tmp_path, [LABEL_A, LABEL_B])
+    out_json = tmp_path / "r.json"
+    code = main(["--dataset", "voc", "--root", str(tmp_path), "--model", name, "--pretrained", str(checkpoint),
+                 "--model-config", str(config_path), "--device", "cpu", "--protocol", protocol,
+                 "--image-size", "36", "--crop", "24", "--stride", "16", "--templates", "single",
+                 "--limit", "1", "--no-progress", "--json", str(out_json)])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].startswith(f"protocol: {protocol} (method {protocol}")
+    saved = json.loads(out_json.read_text())["protocol"]
+    assert saved["name"] == protocol and saved["slide_crop"] == 24 and saved["image_size"] == 36
+    assert saved["bg_threshold"] == {"gem": 0.0, "clearclip": 0.5, "naclip": 0.1}[protocol]
 
 
 def test_segmenter_takes_the_best_name_of_each_class(tiny_model_files):
@@ -202,12 +221,61 @@ def test_segmenter_takes_the_best_name_of_each_class(tiny_model_files):
     assert torch.allclose(both[1], cat[1], atol=1e-5)
 
 
+def _rule_only(scores, class_words, **choices):
+    """A Segmenter whose per-name maps are `scores` [Q, 1, W]: the decision rule alone."""
+    from gem_model.protocols import Protocol
+    seg = Segmenter.__new__(Segmenter)
+    seg.protocol = Protocol(**choices)
+    seg.background, seg.bg_threshold, seg.logit_scale = 0, seg.protocol.bg_threshold, seg.protocol.logit_scale
+    seg.pamr_iters = 0
+    seg.class_words = class_words
+    seg._name_maps_patch = lambda image: (scores[None].clone(), None)
+    return seg
+
+
 def test_background_threshold_uses_the_softmax_of_scaled_scores():
-    seg = Segmenter.__new__(Segmenter)   # the decision rule alone, on scores we choose
-    seg.background, seg.bg_threshold, seg.logit_scale = 0, 0.6, 1.0
     scores = torch.tensor([[[0.0, 0.0]], [[2.0, 0.1]], [[0.0, 0.0]]])     # [C=3, 1, 2]
-    seg.scores = lambda image, size=None: scores.clone()
+    words = [slice(0, 1), slice(1, 2), slice(2, 3)]
     # pixel 0: best = class 1 with e^2 / (e^2 + 2) = 0.79 >= 0.6 -> stays; pixel 1: 0.36 -> background
-    assert seg.predict(None).tolist() == [[1, 0]]
-    seg.bg_threshold = 0.0
-    assert seg.predict(None).tolist() == [[1, 1]]
+    assert _rule_only(scores, words, bg_threshold=0.6, logit_scale=1.0).predict(None, (1, 2)).tolist() == [[1, 0]]
+    assert _rule_only(scores, words, bg_threshold=0.0, logit_scale=1.0).predict(None, (1, 2)).tolist() == [[1, 1]]
+
+
+def test_threshold_over_all_names_is_stricter_than_over_class_maxima():
+    """ClearCLIP and NACLIP: softmax over every name, then the max per class. A class with two
+    names that both match splits its probability, so it can fall below the threshold where the
+    softmax over class maxima keeps it (that maximum is always at least the authors')."""
+    scores = torch.tensor([[[0.0]], [[2.0]], [[2.0]]])          # names: bg | cat, kitten
+    words = [slice(0, 1), slice(1, 3)]
+    over_classes = _rule_only(scores, words, bg_threshold=0.6, logit_scale=1.0)
+    over_names = _rule_only(scores, words, bg_threshold=0.6, logit_scale=1.0, prob_over="names")
+    p_classes = over_classes.probabilities(None, (1, 1))[:, 0, 0]
+    p_names = over_names.probabilities(None, (1, 1))[:, 0, 0]
+    e2 = math.exp(2.0)
+    assert p_classes[1].item() == pytest.approx(e2 / (e2 + 1))            # 0.88
+    assert p_names[1].item() == pytest.approx(e2 / (2 * e2 + 1))          # 0.47
+    assert over_classes.predict(None, (1, 1)).tolist() == [[1]]
+    assert over_names.predict(None, (1, 1)).tolist() == [[0]]
+
+
+def test_voc20_and_cityscapes_readers(tmp_path, capsys):
+    write_voc(tmp_path / "voc", [LABEL_A])
+    sample = datasets.read_voc20(tmp_path / "voc", "val")[0].load()
+    expected = big(LABEL_A) - 1
+    expected[big(LABEL_A) == 0] = 255
+    expected[big(LABEL_A) == 255] = 255
+    assert np.array_equal(sample.label, expected)        # background and border ignored, 8 (cat) -> 7
+    assert main(["--dataset", "voc20", "--root", str(tmp_path / "voc"), "--oracle", "--no-progress"]) == 0
+    assert capsys.readouterr().out.strip().endswith("mIoU: 100.00")
+
+    root = tmp_path / "city"
+    for split_dir in ("leftImg8bit/val/aachen", "gtFine/val/aachen"):
+        (root / split_dir).mkdir(parents=True)
+    label = np.array([[0, 18], [255, 7]], dtype=np.uint8)
+    Image.fromarray(label, mode="L").save(root / "gtFine/val/aachen/aachen_000000_000019_gtFine_labelTrainIds.png")
+    Image.new("RGB", (2, 2)).save(root / "leftImg8bit/val/aachen/aachen_000000_000019_leftImg8bit.png")
+    refs = datasets.read_cityscapes(root, "val")
+    assert [r.name for r in refs] == ["aachen/aachen_000000_000019"]
+    assert refs[0].load().label.tolist() == [[0, 18], [255, 7]]
+    assert main(["--dataset", "cityscapes", "--root", str(root), "--oracle", "--no-progress"]) == 0
+    assert capsys.readouterr().out.strip().endswith("mIoU: 100.00")

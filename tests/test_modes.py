@@ -146,8 +146,9 @@ def test_bad_window_settings(tiny_model_files, crop, stride):
 # -- PAMR --------------------------------------------------------------------------------------
 def reference_pamr(image, masks, iterations, dilations, lam):
     """Per pixel: neighbours are the 8 pixels at each dilation (clamped into the image);
-    k = -mean_c |I_c(i) - I_c(j)| / (lam * std_c over the neighbours); alpha = softmax over them;
-    m(i) <- sum_j alpha m(j), `iterations` times."""
+    k = -mean_c |I_c(i) - I_c(j)| / (lam * sigma_c), sigma_c the unbiased std of channel c over the
+    3x3 window at every dilation, centre included (9 values per dilation), as Araslanov and Roth's
+    code computes it; alpha = softmax over the neighbours; m(i) <- sum_j alpha m(j), `iterations` times."""
     image, masks = image.double(), masks.double()
     _, chans, height, width = image.shape
     offsets = [(dy * d, dx * d) for d in dilations for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]
@@ -159,7 +160,12 @@ def reference_pamr(image, masks, iterations, dilations, lam):
     for y in range(height):
         for x in range(width):
             nb = torch.stack([at(image, y + dy, x + dx) for dy, dx in offsets])      # [M, C]
-            sigma = nb.std(dim=0, unbiased=False)
+            window = torch.cat([torch.stack([at(image, y + dy * d, x + dx * d)
+                                             for dy in (-1, 0, 1) for dx in (-1, 0, 1)])
+                                for d in dilations])                                  # [9D, C]
+            n = window.shape[0]
+            mean = window.sum(dim=0) / n
+            sigma = (((window - mean) ** 2).sum(dim=0) / (n - 1)).sqrt()
             k = (-(image[0, :, y, x] - nb).abs() / (lam * sigma + 1e-8)).mean(dim=1)
             alpha[y, x] = torch.softmax(k, dim=0)
     for _ in range(iterations):
@@ -172,13 +178,36 @@ def reference_pamr(image, masks, iterations, dilations, lam):
     return masks
 
 
-def test_pamr_matches_reference():
+@pytest.mark.parametrize("dilations", [(1, 2, 4), (8, 16), (3,)])
+def test_pamr_matches_reference(dilations):
     torch.manual_seed(0)
     image = torch.rand(1, 3, 9, 11)
     masks = torch.rand(1, 2, 9, 11)
-    ours = pamr(image, masks, iterations=3, dilations=(1, 2, 4), lam=0.1)
-    ref = reference_pamr(image, masks, 3, (1, 2, 4), 0.1)
+    ours = pamr(image, masks, iterations=3, dilations=dilations, lam=0.1)
+    ref = reference_pamr(image, masks, 3, dilations, 0.1)
     assert torch.allclose(ours.double(), ref, atol=1e-5), (ours.double() - ref).abs().max()
+
+
+def test_pamr_sigma_is_the_authors_not_the_neighbours_biased_std():
+    """The old sigma (biased, 8 neighbours) gives visibly different maps: the reference would catch
+    a silent return to it."""
+    torch.manual_seed(1)
+    image, masks = torch.rand(1, 3, 9, 11), torch.rand(1, 2, 9, 11)
+    ours = pamr(image, masks, iterations=3, dilations=(1, 2))
+    nb = torch.stack([F.pad(image, (2, 2, 2, 2), mode="replicate")[..., 2 + dy:11 + dy, 2 + dx:13 + dx]
+                      for d in (1, 2) for dy in (-d, 0, d) for dx in (-d, 0, d) if dy or dx], dim=2)
+    old_sigma = nb.std(dim=2, unbiased=False, keepdim=True)
+    new_window = torch.cat([nb, image.unsqueeze(2).expand(-1, -1, 2, -1, -1)], dim=2)
+    assert not torch.allclose(old_sigma, new_window.std(dim=2, keepdim=True), atol=1e-3)
+    assert (ours - reference_pamr(image, masks, 3, (1, 2), 0.1).float()).abs().max() < 1e-5
+
+
+def test_pamr_dilations_are_parsed_and_checked():
+    from gem_model.pamr import parse_dilations
+    assert parse_dilations("8,16") == (8, 16) == parse_dilations("8 16") == parse_dilations([8, 16])
+    for bad in ("", "0,2", "a", (), (-1,)):
+        with pytest.raises(InvalidInputError, match="dilations"):
+            parse_dilations(bad)
 
 
 def test_pamr_follows_colour_edges():
@@ -205,9 +234,9 @@ def test_pamr_zero_iterations_and_bad_shapes():
 def test_model_pamr_option_refines_the_similarity_maps(tiny_model_files):
     images = torch.randn(2, 3, 32, 40)
     plain = make(tiny_model_files)
-    refined = make(tiny_model_files, pamr_iters=3)
+    refined = make(tiny_model_files, pamr_iters=3, pamr_dilations=(1, 3))
     sims = plain(images, PROMPTS, normalize=False)                  # at the input size
-    expected = pamr(images, sims, iterations=3)
+    expected = pamr(images, sims, iterations=3, dilations=(1, 3))
     ours = refined(images, PROMPTS, normalize=False)
     assert torch.allclose(ours, expected, atol=1e-5)
     assert (ours - sims).abs().max() > 1e-3

@@ -127,8 +127,10 @@ def test_interrupted_run_then_rerun_stores_each_task_once(tmp_path, fake_ls):
         _run(settings, fake_ls, pipeline=_pipeline(settings, CountingPredictor(interrupt_at=4)))
     stored_before = len(fake_ls.predictions)
     assert 0 < stored_before < 12
-    # the interrupted run left no claim behind that would block the rerun
-    assert ClaimStore(str(tmp_path / "claims.sqlite")).held_by_others(range(1, 13), "gem-test-v1") == set()
+    # the interrupted run left no claim behind on the tasks it did not store (those it stored keep a
+    # short "just stored" marker), so the rerun can take them at once
+    stored = {str(p["task"]) for p in fake_ls.predictions}
+    assert ClaimStore(str(tmp_path / "claims.sqlite")).held_by_others(range(1, 13), "gem-test-v1") == stored
     summary = _run(settings, fake_ls)
     assert summary.ok and summary.done == 12 - stored_before
     assert all(len(fake_ls.predictions_of(t)) == 1 for t in fake_ls.tasks)
@@ -137,8 +139,7 @@ def test_interrupted_run_then_rerun_stores_each_task_once(tmp_path, fake_ls):
 def test_tasks_another_process_holds_are_left_to_it(tmp_path, fake_ls):
     fake_ls.add_tasks(_images(4))
     settings = _settings(tmp_path, fake_ls)
-    other = ClaimStore(str(tmp_path / "claims.sqlite"))
-    other.owner = "elsewhere:1:x"   # a live owner (this pid) that is not the command
+    other = ClaimStore(str(tmp_path / "claims.sqlite")).holder("elsewhere")   # a live holder that is not the command
     other.claim([3], "gem-test-v1")
     summary = _run(settings, fake_ls)
     assert summary.done == 3 and summary.skipped == {3: "being predicted by another process"}
@@ -191,3 +192,103 @@ def test_client_refreshes_a_personal_access_token_once_and_again_after_a_401(fak
     fake_ls.access_tokens.clear()                                      # revoked: the next call renews once
     assert client.get_project(1)["id"] == 1
     assert fake_ls.count("POST", "/api/token/refresh/") == 2
+
+
+# -- paging, outages, the uploader (issue 20 item 6) --------------------------------------------------------
+
+
+def test_labelling_during_an_only_unlabeled_run_skips_no_task_and_lists_none_twice(tmp_path, fake_ls):
+    """Annotators label tasks between two pages: paging by task id still lists every task that was
+    unlabeled when its page was read, once. (Paging by page number skipped tasks 4 and 5 here: the
+    two labelled tasks of page 1 left the list, and page 2 began two tasks later.)"""
+    fake_ls.add_tasks(_images(12), annotated={9})
+    listed_pages: list[list[int]] = []
+
+    def annotator(ls):
+        if len(listed_pages) == 0:
+            ls.annotate([1, 2, 7])        # two of page 1 (listed already) and one further on
+            ls.tasks[9]["annotations"] = []   # and an annotation of task 9 deleted
+        listed_pages.append([])
+
+    fake_ls.after_list.append(annotator)
+    summary = _run(_settings(tmp_path, fake_ls), fake_ls, only_unlabeled=True, page_size=3)
+    predicted = sorted(p["task"] for p in fake_ls.predictions)
+    assert predicted == [1, 2, 3, 4, 5, 6, 8, 9, 10, 11, 12]      # 7 was labelled before its page: left alone
+    assert summary.seen == 11 and summary.done == 11 and summary.ok
+
+
+def test_client_pages_by_task_id_within_a_range(fake_ls):
+    fake_ls.add_tasks(_images(9), annotated={4})
+    client = LabelStudioClient(fake_ls.url, TOKEN)
+    assert [t["id"] for t in client.iter_tasks_by_id(1, page_size=2)] == list(range(1, 10))
+    assert [t["id"] for t in client.iter_tasks_by_id(1, after_id=2, upto_id=6, page_size=2,
+                                                      only_unlabeled=True)] == [3, 5, 6]
+    assert client.task_id_range(1, only_unlabeled=True, task_ids=[4, 5, 8]) == (5, 8)
+    assert client.task_id_range(1, task_ids=[]) is None
+    fake_ls.ignore_id_filter = True     # a Label Studio without the id filter: a clear error, not a loop
+    with pytest.raises(LabelStudioError, match="ignored the task id filter"):
+        list(client.iter_tasks_by_id(1, page_size=2))
+
+
+def test_label_studio_outage_mid_run_is_a_failed_run_with_a_summary(tmp_path, fake_ls, monkeypatch, capsys):
+    from backend import stages
+
+    fake_ls.add_tasks(_images(8))
+    monkeypatch.setenv("LABEL_STUDIO_URL", fake_ls.url)
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", TOKEN)
+    monkeypatch.setenv("MODEL_DIR", str(tmp_path))
+    monkeypatch.setenv("MODEL_VERSION", "gem-test-v1")
+    monkeypatch.setattr(PredictionPipeline, "from_settings", classmethod(lambda cls, s, **k: _pipeline(s)))
+    monkeypatch.setattr(stages, "LIST_RETRY_WAIT_S", 0.01)
+    monkeypatch.setattr(prelabel, "PAGE_SIZE", 4)
+    original = stages.split_done
+
+    def split_then_outage(tasks, version):   # Label Studio goes down once the first page is in the model
+        out = original(tasks, version)
+        fake_ls.unavailable = True
+        return out
+
+    monkeypatch.setattr(prelabel, "split_done", split_then_outage)
+    code = prelabel.main(["--project", "1", "--no-progress", "--batch-tasks", "4"])
+    out = capsys.readouterr()
+    assert code == 1, out.err[-2000:]
+    assert "4 tasks seen" in out.out and "stopped early: Label Studio stopped answering" in out.out
+    assert "HTTP 503" in out.out and "run again to continue" in out.out
+    assert fake_ls.predictions == []          # the store failed too: those tasks are failed, not lost silently
+    assert "failed 4" in out.out
+    fake_ls.unavailable = False
+    monkeypatch.setattr(prelabel, "split_done", original)
+    assert prelabel.main(["--project", "1", "--no-progress"]) == 0      # the rerun does the rest
+    assert sorted(p["task"] for p in fake_ls.predictions) == list(range(1, 9))
+
+
+def test_label_studio_unreachable_at_the_start_is_a_setup_error(tmp_path, fake_ls, monkeypatch, capsys):
+    monkeypatch.setenv("LABEL_STUDIO_URL", fake_ls.url)
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", TOKEN)
+    monkeypatch.setenv("MODEL_DIR", str(tmp_path))
+    fake_ls.unavailable = True
+    assert prelabel.main(["--project", "1", "--no-progress"]) == 2
+    assert "HTTP 503" in capsys.readouterr().err
+
+
+def test_uploader_close_stores_every_waiting_chunk(fake_ls):
+    import threading
+
+    fake_ls.add_tasks(_images(7))
+    client = LabelStudioClient(fake_ls.url, TOKEN)
+    first_chunk = threading.Event()
+    store = client.create_predictions
+
+    def slow_store(project, predictions, chunk=100):
+        first_chunk.wait(5)              # chunk 1 is still storing when close() is called
+        return store(project, predictions, chunk=chunk)
+
+    client.create_predictions = slow_store
+    uploader = prelabel.PredictionUploader(client, 1, chunk=3)
+    payloads = [{"task": t, "result": [], "score": 0.5, "model_version": "v"} for t in range(1, 8)]
+    uploader.add(payloads)          # chunks 1-3 and 4-6 queued, task 7 waits for a full chunk
+    threading.Timer(0.3, first_chunk.set).start()
+    stored, skipped, failed = uploader.close()
+    assert sorted(stored) == list(range(1, 8)) and not skipped and not failed
+    assert sorted(p["task"] for p in fake_ls.predictions) == list(range(1, 8))
+    assert uploader.close() == ([], [], {})

@@ -94,7 +94,7 @@ def test_stages_store_what_the_plain_command_predicts(tiny_pipeline):
     import json
 
     from backend import prelabel_ray
-    from backend.prelabel import predict_tasks
+    from backend.stages import predict_tasks
     from backend_fixtures import MIXED_CONFIG
 
     settings, plain = tiny_pipeline
@@ -181,23 +181,125 @@ def test_workers_default_to_one_per_gpu(monkeypatch, resources, device, workers,
     assert prelabel_ray.plan_workers(options, Settings(device=device)) == expected
 
 
-def test_task_pages_read_like_the_plain_listing(monkeypatch):
-    """Pages read one by one (as the listing tasks do) give the plain command's tasks, `--limit` included."""
+def test_id_ranges_follow_the_projects_density():
+    from backend.prelabel_ray import id_ranges
+
+    assert id_ranges(1, 250, 250) == [(0, 100), (100, 200), (200, None)]
+    # A project holding every 10th id (Label Studio numbers all projects' tasks together): ~100 tasks a range.
+    assert id_ranges(5, 10_000, 1000) == [(4 + i * 1000, 4 + (i + 1) * 1000) for i in range(9)] + [(9004, None)]
+    assert id_ranges(7, 7, 1) == [(6, None)]
+    assert len(id_ranges(1, 10**9, 10**9)) <= 4096
+
+
+def _ranges(fake_ls, **kw):
     from backend import prelabel_ray
+    from backend.ls_client import LabelStudioClient
+    from fake_label_studio import TOKEN
 
-    all_tasks = [{"id": i, "data": {"image": f"/data/{i}.png"}} for i in range(1, 251)]
+    client = LabelStudioClient(fake_ls.url, TOKEN)
+    first, last = client.task_id_range(1, only_unlabeled=kw.get("only_unlabeled", False))
+    return prelabel_ray.TaskRanges(url=fake_ls.url, token=TOKEN, project=1, page_size=3,
+                                   ranges=tuple(prelabel_ray.id_ranges(first, last, len(fake_ls.tasks), page_size=5)),
+                                   **kw)
 
-    class FakeClient:
-        def tasks_page(self, project, page, page_size, only_unlabeled, task_ids):
-            part = all_tasks[(page - 1) * page_size:page * page_size]
-            return part, len(part) >= page_size
 
-    monkeypatch.setitem(prelabel_ray._CLIENTS, ("http://ls", "key"), FakeClient())
-    pages = prelabel_ray.TaskPages(url="http://ls", token="key", project=1, pages=4, page_size=100)
-    assert [t["id"] for p in range(1, 5) for t in pages.read(p)] == list(range(1, 251))
-    limited = prelabel_ray.TaskPages(url="http://ls", token="key", project=1, pages=3, page_size=100, limit=130)
-    assert [t["id"] for p in range(1, 4) for t in limited.read(p)] == list(range(1, 131))
-    assert "key" not in repr(pages)
+def test_task_ranges_list_every_task_once_while_tasks_are_labelled(fake_ls):
+    """The listing tasks read id ranges in any order, paged by id; annotators label tasks between
+    pages, and a task is imported meanwhile: every task unlabeled when read is listed once."""
+    fake_ls.add_tasks([{"image": f"/data/{i}.png"} for i in range(23)])
+    reads = []
+
+    def annotator(ls):
+        reads.append(1)
+        if len(reads) == 2:
+            ls.annotate([1, 2, 3, 12, 13])          # listed (range 0) and not yet listed (range 2)
+            ls.add_tasks([{"image": "/data/new.png"}])   # task 24: the open last range lists it
+
+    ranges = _ranges(fake_ls, only_unlabeled=True)
+    fake_ls.after_list.append(annotator)
+    assert ranges.ranges == ((0, 5), (5, 10), (10, 15), (15, 20), (20, None))
+    listed = [t["id"] for i in (0, 2, 1, 4, 3) for t in ranges.read(i)]   # any order, as Ray runs them
+    assert sorted(listed) == [i for i in range(1, 25) if i not in (12, 13)]
+    assert len(listed) == len(set(listed))
+    assert "legacy-token" not in repr(ranges)
+
+
+def test_listing_rows_leave_tasks_claimed_by_someone_else(tmp_path):
+    """The Ray path's claims: a task another holder (the server, another run) has is skipped with
+    the plain command's reason and never reaches the model; the rest are claimed for this run."""
+    import json
+
+    from backend import prelabel_ray
+    from backend.claims import ClaimStore
+    from backend.stages import HELD_ELSEWHERE, RunClaims
+
+    server = ClaimStore(str(tmp_path / "claims.sqlite")).holder("predict")   # a live holder that is not this run
+    server.claim([2], "v1")
+    run_claims = RunClaims(ClaimStore(str(tmp_path / "claims.sqlite")), "v1", 1)
+    try:
+        tasks = [{"id": i, "data": {"image": f"/data/{i}.png"}} for i in (1, 2, 3)]
+        tasks.append({"id": 4, "data": {}, "predictions": [{"model_version": "v1"}]})
+        rows = prelabel_ray.task_rows(tasks, "v1", claim=run_claims.take)
+        assert rows["skip"] == ["", HELD_ELSEWHERE, "", prelabel_ray.ALREADY_PREDICTED]
+        assert run_claims.held() == {"1", "3"}
+        assert server.held_by_others([1, 3], "v1") == {"1", "3"}    # the server now leaves them to the run
+        # Tasks the driver listed (--limit) are claimed batch by batch in their own stage.
+        listed = prelabel_ray.task_rows([{"id": 5, "data": {}}, {"id": 2, "data": {}}], "v1")
+        claimed = prelabel_ray.claim_rows(listed, run_claims.take)
+        assert claimed["skip"] == ["", HELD_ELSEWHERE] and [json.loads(t)["id"] for t in claimed["task"]] == [5, 2]
+        run_claims.give_back([1])
+        run_claims.stored([3])                 # stored: a short marker keeps others off it a while longer
+        assert server.held_by_others([1, 3, 5], "v1") == {"3", "5"}
+    finally:
+        run_claims.close()
+    assert server.held_by_others([1, 3, 5], "v1") == {"3"}   # only the marker is left
+
+
+def test_claims_broker_answers_through_the_drivers_thread(tmp_path):
+    """ClaimBroker's protocol without Ray: an asker waits until the driver's thread answers."""
+    import asyncio
+    import threading
+
+    from backend import prelabel_ray
+    from backend.claims import ClaimStore
+    from backend.stages import RunClaims
+
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+
+    class Call:            # stands in for an actor method's .remote(): runs it on the actor's loop
+        def __init__(self, method):
+            self.method = method
+
+        def remote(self, *args):
+            return asyncio.run_coroutine_threadsafe(self.method(*args), loop)
+
+    class Handle:
+        def __init__(self, broker):
+            self.claim, self.take, self.answer = Call(broker.claim), Call(broker.take), Call(broker.answer)
+
+    broker = asyncio.run_coroutine_threadsafe(_make_broker(prelabel_ray), loop).result()
+    handle = Handle(broker)
+    run_claims = RunClaims(ClaimStore(str(tmp_path / "claims.sqlite")), "v1", 1)
+    other = ClaimStore(str(tmp_path / "claims.sqlite")).holder("predict")
+    other.claim([8], "v1")
+    stop = threading.Event()
+    server = threading.Thread(target=prelabel_ray.serve_claims,
+                              args=(handle, run_claims, stop, lambda future: future.result(10)), daemon=True)
+    server.start()
+    try:
+        asks = [handle.claim.remote([7, 8], 10.0), handle.claim.remote([9], 10.0)]
+        assert sorted(asks[0].result(10)) == [7] and asks[1].result(10) == [9]
+        assert run_claims.held() == {"7", "9"}
+    finally:
+        stop.set()
+        server.join(5)
+        run_claims.close()
+        loop.call_soon_threadsafe(loop.stop)
+
+
+async def _make_broker(prelabel_ray):
+    return prelabel_ray.ClaimBroker()   # its asyncio objects belong to the running loop
 
 
 def test_workers_without_ray_is_a_usage_error(capsys):
@@ -206,3 +308,32 @@ def test_workers_without_ray_is_a_usage_error(capsys):
     assert main(["--project", "1", "--workers", "2"]) == 2
     assert "--workers needs --ray" in capsys.readouterr().err
     assert main(["--project", "1", "--ray", "--workers", "0"]) == 2
+
+
+def test_label_studio_lost_in_mid_run_is_a_failed_ray_run_with_a_summary(tiny_pipeline, fake_ls, monkeypatch,
+                                                                        tmp_path):
+    """A listing task that finds Label Studio gone fails the Ray job; the command reports a failed
+    run with what was done (exit 1), not a setup error, and gives its claims back."""
+    from backend import prelabel_ray
+    from backend.claims import ClaimStore
+    from backend_fixtures import MIXED_CONFIG
+    from fake_label_studio import TOKEN
+
+    settings, _ = tiny_pipeline
+    settings = settings.replace(label_studio_url=fake_ls.url, label_studio_api_key=TOKEN, model_dir=str(tmp_path))
+    fake_ls.label_config = MIXED_CONFIG
+    fake_ls.add_tasks([{"image": f"/data/{i}.png"} for i in range(3)])
+
+    def run_until_label_studio_goes(source, job, settings, upload, options, on_outcome=None, min_side=None,
+                                    claims=None):
+        assert isinstance(source, prelabel_ray.TaskRanges) and source.ranges == ((0, None),)
+        assert claims.take([1, 2]) == {1, 2}
+        on_outcome({"task_id": 1, "status": "stored", "why": ""})
+        raise RuntimeError("ray.exceptions.RayTaskError(LabelStudioError): GET /api/tasks/: HTTP 503")
+
+    monkeypatch.setattr(prelabel_ray, "run", run_until_label_studio_goes)
+    summary = prelabel_ray.run_prelabel_on_ray(settings, 1, prelabel_ray.RayOptions(), progress=False)
+    assert summary.exit_status == 1 and summary.done == 1 and summary.seen == 1
+    assert "HTTP 503" in summary.stopped and "stopped early" in "\n".join(summary.lines())
+    # Task 1 was stored: a short marker keeps the server off it; task 2 is free again.
+    assert ClaimStore(str(tmp_path / "claims.sqlite")).held_by_others([1, 2], summary.model_version) == {"1"}
