@@ -29,7 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.port:
         settings = settings.replace(port=args.port)
 
+    from .memory import tune_allocator
     from .server import configure_logging, create_app
+    tune_allocator()   # before the model allocates anything: see backend/memory.py
     configure_logging(settings.log_level, secrets=(settings.label_studio_api_key, settings.basic_auth_pass,
                                                    settings.webhook_secret))
     app = create_app(settings)

@@ -28,6 +28,8 @@ worker_class = "gthread"
 # mid-way by gunicorn before Label Studio gives up on it.
 timeout = _settings.worker_timeout
 graceful_timeout = 30
+# glibc malloc: each worker applies backend/memory.py's settings (mmap/trim thresholds, 2 arenas)
+# when it imports backend.wsgi, unless MALLOC_* are set in the environment (the Docker image sets them).
 # Never preload: the model (and CUDA) must be created inside each worker, after the fork.
 preload_app = False
 loglevel = _settings.log_level.lower()

@@ -18,6 +18,7 @@ docs/LEARNING.md, "Versions").
 from __future__ import annotations
 
 import argparse
+import collections
 import fcntl
 import hashlib
 import io
@@ -410,15 +411,39 @@ class LearnedState:
     maps: Any
 
 
+def learned_state_bytes(state: LearnedState) -> int:
+    """Bytes of a learned state's arrays (the prototype vectors dominate; the rest is small)."""
+    bank = getattr(state.maps, "bank", None)
+    if bank is None:
+        return 0
+    total = int(getattr(bank.background, "nbytes", 0))
+    for item in bank.labels.values():
+        total += int(item.positives.nbytes) + int(item.negatives.nbytes)
+    return total
+
+
 class LearnedStates:
-    """Per-project `LearnedState` of the published state, rebuilt when its version moves."""
+    """Per-project `LearnedState` of the published state, rebuilt when its version moves.
+
+    The states of the projects used most recently are kept, up to GEM_LEARNED_CACHE_MB: a server
+    that meets many projects over weeks keeps a bounded set; one pushed out is rebuilt from the store."""
 
     def __init__(self, store: LearningStore, settings: Settings):
         self.store = store
         self.settings = settings
         self.instance = instance_of(settings.label_studio_url)
-        self._cache: dict[str, tuple[str, LearnedState]] = {}
+        self.max_bytes = int(settings.learned_cache_mb * 2**20)
+        # key -> (version, state, bytes), least recently used first
+        self._cache: "collections.OrderedDict[str, tuple[str, LearnedState, int]]" = collections.OrderedDict()
+        self._bytes = 0
         self._lock = threading.Lock()
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._cache)
 
     def key_for(self, project: Any) -> str | None:
         """State key of a project as Label Studio names it in /setup and /predict ("<id>.<created>"),
@@ -430,6 +455,20 @@ class LearnedStates:
             return None
         return self.store.resolve(self.instance, project_id, created)
 
+    def _keep(self, key: str, version: str, state: LearnedState) -> None:
+        size = learned_state_bytes(state)
+        with self._lock:
+            old = self._cache.pop(key, None)
+            if old is not None:
+                self._bytes -= old[2]
+            if size > self.max_bytes:
+                return
+            self._cache[key] = (version, state, size)
+            self._bytes += size
+            while self._bytes > self.max_bytes:
+                _, (_, _, evicted) = self._cache.popitem(last=False)
+                self._bytes -= evicted
+
     def get(self, key: str | None) -> LearnedState | None:
         if not key:
             return None
@@ -440,6 +479,7 @@ class LearnedStates:
             with self._lock:
                 cached = self._cache.get(key)
                 if cached is not None and cached[0] == version:
+                    self._cache.move_to_end(key)
                     return cached[1]
             state = self._build(key)
             if self.store.version(key) != version:   # published again while we read: read the new one
@@ -449,8 +489,7 @@ class LearnedStates:
             logger.warning("learning store unreadable (%s); predicting without learned state", exc)
             return None
         state = LearnedState(version=version, maps=state.maps)
-        with self._lock:
-            self._cache[key] = (version, state)
+        self._keep(key, version, state)
         return state
 
     def project_learned(self, project: Any):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 import threading
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 # Seconds; spans a cache-hit interactive call (ms) to a large batch (minutes).
 DEFAULT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -116,6 +116,24 @@ class Histogram(_Metric):
         return lines
 
 
+class CallbackGauge(_Metric):
+    """A gauge whose series are read when /metrics is rendered: `read()` -> {label values: value}.
+    For what is cheaper to look at than to keep up to date (resident memory, cache sizes)."""
+    kind = "gauge"
+
+    def __init__(self, name: str, help_text: str, labelnames: Sequence[str] = (), read=None):
+        super().__init__(name, help_text, labelnames)
+        self.read = read
+
+    def render(self) -> list[str]:
+        try:
+            values = dict(self.read()) if self.read is not None else {}
+        except Exception:   # a reading that fails must not take /metrics down with it
+            values = {}
+        return self.header() + [f"{self.name}{_labels(self.labelnames, k)} {_num(v)}"
+                                for k, v in sorted(values.items())]
+
+
 class Registry:
     def __init__(self):
         self._metrics: list[_Metric] = []
@@ -179,6 +197,27 @@ class BackendMetrics:
         self.process = r.register(Gauge("gem_process_info", "constant 1; labels identify this process", ("pid",)))
         self.process.set(1, pid=str(os.getpid()))
         self.before_render: list = []
+
+        # -- memory (bench/soak.py reads these; docs/PERFORMANCE.md "Memory over weeks") --
+        from . import memory
+        self.resident = r.register(CallbackGauge(
+            "gem_process_resident_bytes", "resident memory of this process (VmRSS)",
+            read=lambda: {(): v} if (v := memory.resident_bytes()) is not None else {}))
+        self.malloc = r.register(CallbackGauge(
+            "gem_malloc_bytes", "glibc heap: in_use (allocated), free (kept by the allocator inside its heaps), "
+            "mmapped (large blocks)", ("kind",),
+            read=lambda: {(k,): v for k, v in (memory.malloc_stats() or {}).items() if k != "arena"}))
+        self._caches: dict[str, Callable[[], tuple[int, int]]] = {}
+        self.cache_bytes = r.register(CallbackGauge(
+            "gem_cache_bytes", "bytes held by each in-memory cache", ("cache",),
+            read=lambda: {(name,): read()[0] for name, read in list(self._caches.items())}))
+        self.cache_limit_bytes = r.register(CallbackGauge(
+            "gem_cache_limit_bytes", "the bound of each in-memory cache, in bytes", ("cache",),
+            read=lambda: {(name,): read()[1] for name, read in list(self._caches.items())}))
+
+    def watch_cache(self, name: str, read: Callable[[], tuple[int, int]]) -> None:
+        """Report a cache on /metrics: `read()` -> (bytes held, bound in bytes)."""
+        self._caches[name] = read
 
     def observe_stage(self, stage: str, seconds: float) -> None:
         self.stage_seconds.observe(seconds, stage=stage)

@@ -115,6 +115,7 @@ def create_app(settings: Settings, model: GemBackendModel | None = None, load: b
             metrics.model_load_seconds.set(model.load_seconds or 0.0)
     metrics = model.metrics
 
+    _watch_caches(metrics, model)
     claims = _claim_store(settings)
     client, why = _label_studio_client(settings)
     finisher = BackgroundFinisher(lambda: model.pipeline, client, claims, settings.background_queue,
@@ -337,6 +338,29 @@ def _label_studio_client(settings: Settings) -> tuple[LabelStudioClient | None, 
         return LabelStudioClient.from_settings(settings), ""
     except LabelStudioError as exc:
         return None, str(exc)
+
+
+def _watch_caches(metrics: BackendMetrics, model: GemBackendModel) -> None:
+    """Each in-memory cache's bytes and bound on /metrics (read at scrape time; 0 before the model loads)."""
+    def predictor():
+        pipeline = model.pipeline if model.ready else None
+        return getattr(pipeline, "predictor", None)
+
+    def features() -> tuple[int, int]:
+        cache = getattr(predictor(), "cache", None)
+        return (cache.nbytes, cache.max_bytes) if cache is not None else (0, 0)
+
+    def text() -> tuple[int, int]:
+        gem = getattr(predictor(), "model", None)
+        return gem.text_cache_bytes() if hasattr(gem, "text_cache_bytes") else (0, 0)
+
+    def learned() -> tuple[int, int]:
+        states = getattr(model.learning, "states", None)
+        return (states.nbytes, states.max_bytes) if states is not None else (0, 0)
+
+    metrics.watch_cache("features", features)
+    metrics.watch_cache("text_embeddings", text)
+    metrics.watch_cache("learned_states", learned)
 
 
 def _request_id() -> str:

@@ -355,6 +355,10 @@ class Settings:
                               "weight of a label's text against its examples, in examples: the prototypes get "
                               "n / (n + prior) of the heatmap with n examples", parse=_float(minimum=0.0),
                               group="Learning")
+    learned_cache_mb: float = knob("GEM_LEARNED_CACHE_MB", 64.0,
+                                   "memory for the learned state (prototype vectors) of the projects used most "
+                                   "recently; a project pushed out is rebuilt from MODEL_DIR when it comes back",
+                                   unit="MiB", parse=_float(minimum=0.0), group="Learning")
     learn_queue: int = knob("GEM_LEARN_QUEUE", 256,
                             "annotation events waiting to be learned per worker; when full, new ones are dropped "
                             "(logged) and START_TRAINING catches up", unit="events", parse=_int(1, 1000000),

@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 
+from .memory import tune_allocator
 from .server import configure_logging, create_app
 from .settings import Settings
 
@@ -32,6 +33,9 @@ def _stop_worker(message: str) -> None:
     os._exit(GUNICORN_APP_LOAD_ERROR)
 
 
+# Before the model allocates anything: see backend/memory.py (the Docker image sets the same
+# through the environment, which covers the master too).
+tune_allocator()
 settings = Settings.from_env()
 configure_logging(settings.log_level, secrets=(settings.label_studio_api_key, settings.basic_auth_pass,
                                                settings.webhook_secret))

@@ -430,13 +430,21 @@ class GemModel(nn.Module):
             if missing:
                 tokens = self.tokenizer([self.prompt_template.format(p) for p in missing])
                 embeddings = F.normalize(self._text_features(tokens).float(), dim=-1)
-                self._text_cache.update(zip(missing, embeddings))
+                # clone: a row of `embeddings` is a view that would keep the whole batch alive
+                self._text_cache.update((p, e.clone()) for p, e in zip(missing, embeddings))
             for p in prompts:
                 self._text_cache.move_to_end(p)
             out = torch.stack([self._text_cache[p] for p in prompts])
             while len(self._text_cache) > max(self._text_cache_size, len(prompts)):
                 self._text_cache.popitem(last=False)
         return out
+
+    def text_cache_bytes(self) -> tuple[int, int]:
+        """(bytes held, bound in bytes) of the prompt-embedding cache: `text_cache_size` prompts."""
+        with self._text_lock:
+            held = sum(e.numel() * e.element_size() for e in self._text_cache.values())
+            dim = next(iter(self._text_cache.values())).numel() if self._text_cache else 0
+        return held, self._text_cache_size * dim * 4   # float32 rows
 
     def _text_features(self, tokens: torch.Tensor) -> torch.Tensor:
         """clip.encode_text(tokens) [P, D] for tokenizer output [P, 77], computed on the shortest

@@ -1,0 +1,109 @@
+"""Process memory: what /metrics reports (resident bytes, glibc's heap statistics) and the
+allocator settings a long-running server needs.
+
+glibc only: on another libc (musl, macOS) every function here is a no-op or returns None.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+import threading
+from typing import Optional
+
+logger = logging.getLogger(__name__)
+
+# mallopt() parameters (malloc.h)
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+M_ARENA_MAX = -8
+
+_libc = None
+_libc_lock = threading.Lock()
+
+
+def _glibc():
+    global _libc
+    with _libc_lock:
+        if _libc is None:
+            try:
+                lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+                lib.gnu_get_libc_version  # raises AttributeError off glibc
+                _libc = lib
+            except (OSError, AttributeError):
+                _libc = False
+        return _libc or None
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def resident_bytes(pid: int | str = "self") -> Optional[int]:
+    """VmRSS of a process (this one by default), None where /proc is missing."""
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            for line in handle:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def malloc_stats() -> Optional[dict[str, int]]:
+    """glibc's heap statistics, all arenas: `in_use` (malloc'ed, not freed), `free` (freed but kept
+    inside the heaps: fragmentation or slack not yet returned), `mmapped` (large blocks mapped on
+    their own, returned to the kernel on free). None off glibc or before glibc 2.33 (no mallinfo2)."""
+    libc = _glibc()
+    if libc is None or not hasattr(libc, "mallinfo2"):
+        return None
+    libc.mallinfo2.restype = _Mallinfo2
+    info = libc.mallinfo2()
+    return {"in_use": int(info.uordblks), "free": int(info.fordblks), "mmapped": int(info.hblkhd),
+            "arena": int(info.arena)}
+
+
+def trim() -> bool:
+    """Give the free pages inside glibc's heaps back to the kernel (malloc_trim(0))."""
+    libc = _glibc()
+    if libc is None:
+        return False
+    return bool(libc.malloc_trim(ctypes.c_size_t(0)))
+
+
+# What a long-running server sets when the user has not (glibc reads the same names, with the
+# trailing underscore, from the environment at start; the Docker image sets them there too).
+# Measured with bench/soak.py, see docs/PERFORMANCE.md "Memory over weeks" for the figures.
+ALLOCATOR_DEFAULTS = {
+    # A fixed threshold turns off glibc's dynamic one, which rises to the size of the largest
+    # block freed (up to 32 MiB): after the first forward pass every activation tensor (MiBs)
+    # then comes from the heap, and the heap keeps growing in the holes they leave.
+    "MALLOC_MMAP_THRESHOLD_": 1 << 20,
+    # Free memory at the top of a heap above this goes back to the kernel at once.
+    "MALLOC_TRIM_THRESHOLD_": 4 << 20,
+    # Each thread that calls malloc under contention may get its own arena (up to 8 x cores),
+    # each keeping its own free memory; request threads, fetch threads and torch's pool add up.
+    "MALLOC_ARENA_MAX": 2,
+}
+_MALLOPT = {"MALLOC_MMAP_THRESHOLD_": M_MMAP_THRESHOLD, "MALLOC_TRIM_THRESHOLD_": M_TRIM_THRESHOLD,
+            "MALLOC_ARENA_MAX": M_ARENA_MAX}
+
+
+def tune_allocator(environ=os.environ) -> dict[str, int]:
+    """Apply ALLOCATOR_DEFAULTS through mallopt() for each one the environment does not set
+    (set ones glibc has already applied itself). Returns what was applied; {} off glibc."""
+    libc = _glibc()
+    if libc is None:
+        return {}
+    applied = {}
+    for name, value in ALLOCATOR_DEFAULTS.items():
+        if environ.get(name, "").strip():
+            continue
+        if libc.mallopt(ctypes.c_int(_MALLOPT[name]), ctypes.c_int(value)) == 1:
+            applied[name] = value
+        else:
+            logger.warning("mallopt(%s=%d) refused", name, value)
+    return applied
