@@ -114,15 +114,23 @@ def test_bf16_keeps_streams_similarity_and_text_in_fp32(tiny_model_files):
     assert all(p.dtype == torch.bfloat16 for p in bf16.clip.parameters())    # and left as they were
 
 
-def test_fp32_path_is_untouched_by_the_bf16_road(tiny_model_files):
+def test_fp32_path_is_untouched_by_the_bf16_road(tiny_model_files, monkeypatch):
     """The fp32 model never takes the chunked road (its equivalence with bench/plain_gem.py is
-    tests/test_perf_equivalence.py); the predictor's maps come back float32 in both."""
+    tests/test_perf_equivalence.py), the bf16 one always does; the predictor's maps come back
+    float32 in both."""
+    import gem_model.attention as attention
+
+    calls = []
+    real = attention._chunked_attention
+    monkeypatch.setattr(attention, "_chunked_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
     fp32, bf16 = _models(tiny_model_files)
     image = (np.random.default_rng(0).uniform(0, 255, (50, 70, 3))).astype(np.uint8)
-    for model in (fp32, bf16):
+    for model, chunked in ((fp32, False), (bf16, True)):
+        calls.clear()
         predictor = gem_model.HeatmapPredictor(model, image_size=64, cache_bytes=0)
         maps = predictor.similarity(predictor.encode([image])[0], PROMPTS)
         assert maps.dtype == np.float32 and maps.shape == (4, 50, 70)
+        assert bool(calls) is chunked
 
 
 # -- detection and settings --------------------------------------------------------------------
