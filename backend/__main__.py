@@ -16,7 +16,12 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", help="overrides HOST")
     parser.add_argument("--port", type=int, help="overrides PORT")
+    parser.add_argument("--check", action="store_true",
+                        help="validate the settings against this machine (files, precision), print them and exit")
     args = parser.parse_args(argv)
+    if args.check:
+        from .settings import main as settings_main
+        return settings_main(["--check"])
 
     try:
         settings = Settings.from_env()

@@ -137,7 +137,9 @@ class GemBackendModel:
         started = time.perf_counter()
         s = self.settings
         try:
-            logger.info("loading model %s (%s) on %s", s.model_name, s.pretrained or "random weights", s.device)
+            from .settings import precision_report
+            logger.info("loading model %s (%s) on %s; %s", s.model_name, s.pretrained or "random weights",
+                        s.device, precision_report(s)[0])
             predictor = load_predictor(s)
             self._make_pipeline(predictor)
         except Exception as exc:  # any failure must reach /health and /predict as a message

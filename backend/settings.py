@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 OUTPUT_KINDS = ("brush", "polygon", "rectangle")
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = ("fp32", "fp16", "bf16", "auto")
 MODES = ("gem", "clearclip", "naclip")
 RESIZE_MODES = ("short", "long", "square")
 POS_EMBEDS = ("antialias", "authors")
@@ -164,7 +164,10 @@ class Settings:
                              group="Model")
     device: str = knob("GEM_DEVICE", "auto", "`auto` (cuda if available, else cpu), `cpu`, `cuda`, `cuda:N`",
                        parse=_device, group="Model")
-    precision: str = knob("GEM_PRECISION", "fp32", "`fp32`, `fp16` or `bf16` (half precision needs a GPU)",
+    precision: str = knob("GEM_PRECISION", "fp32",
+                          "`fp32`, `bf16` (GPUs, and CPUs with native bf16: AVX512-BF16/AMX, about half the "
+                          "fp32 time; refused on other CPUs), `fp16` (GPUs) or `auto` (bf16 where native, "
+                          "else fp32); `--check` says what this machine has. docs/PERFORMANCE.md",
                           parse=_choice(PRECISIONS), group="Model")
     image_size: int = knob("GEM_IMAGE_SIZE", 448, "image side fed to the model (see GEM_RESIZE_MODE)",
                            unit="px", parse=_int(16, 4096), group="Model")
@@ -496,9 +499,13 @@ def check_model_files(settings: Settings) -> None:
     Loading the weights takes seconds to minutes and happens in the background; a missing,
     unreadable, empty or obviously broken file is reported here at once instead, by variable.
     A file that passes and still fails to load is reported by the loader (/health, and in
-    gunicorn a non-zero exit: backend/wsgi.py).
+    gunicorn a non-zero exit: backend/wsgi.py). GEM_PRECISION=bf16 on a CPU without native bf16
+    is refused here too (it would run slower than fp32, not faster).
     """
     errors = []
+    _, problem = precision_report(settings)
+    if problem:
+        errors.append(f"GEM_PRECISION={settings.precision!r}: {problem}")
     if settings.model_config:
         problem = _file_problem(settings.model_config)
         if problem is None:
@@ -519,6 +526,33 @@ def check_model_files(settings: Settings) -> None:
             errors.append(f"GEM_PRETRAINED={pretrained!r}: {problem}")
     if errors:
         raise SettingsError("unusable model files:\n  " + "\n  ".join(errors))
+
+
+def precision_report(settings: Settings) -> tuple[str, str | None]:
+    """(one line for `--check` and the start log: the precision the model will run in on this
+    machine and whether its CPU computes bf16 natively, the reason bf16 is refused or None)."""
+    import torch
+
+    from gem_model.errors import GemError
+    from gem_model.factory import cpu_bf16_support, resolve_device, resolve_precision
+
+    try:
+        device = resolve_device(settings.device)
+    except GemError as exc:
+        return f"precision: {settings.precision} (device {settings.device}: {exc})", None
+    cpu = cpu_bf16_support()
+    try:
+        resolved = resolve_precision(settings.precision, device, cpu)
+        problem = None
+    except GemError as exc:
+        resolved, problem = "refused", str(exc)
+    shown = settings.precision if resolved == settings.precision else f"{settings.precision} -> {resolved}"
+    line = f"precision: {shown} on {device}"
+    if device.type == "cpu":
+        line += f"; {cpu.message}"
+    elif device.type == "cuda":
+        line += f"; bf16 {'supported' if torch.cuda.is_bf16_supported() else 'not supported'} by this GPU"
+    return line, problem
 
 
 def _file_problem(path: str) -> str | None:
@@ -703,6 +737,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         for key, value in settings.public_dict().items():
             print(f"{key}={_fmt_default(value)}")
+        # stderr, like the warnings: stdout stays VARIABLE=value lines that scripts can parse
+        print(precision_report(settings)[0], file=sys.stderr)
         for warning in settings.warnings():
             print(f"warning: {warning}", file=sys.stderr)
         return 0

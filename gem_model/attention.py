@@ -16,6 +16,15 @@ block's original softmax(q k^T / sqrt(d)) v as H more heads: it has the same val
 a fused kernel (flash on CPU and CUDA) that never materialises the N x N attention matrix.
 The temperature is folded into the query (softmax((t a) b^T) == softmax(t a b^T)) so that one
 call can carry a different t per image.
+
+bf16 on CPU takes another road (`lowp_cpu`): torch's CPU flash kernel gains nothing from bf16
+without AMX (measured: 36 heads at 785 tokens, 74 ms in bf16 against 59 ms in fp32), while bf16
+matrix products run ~2.6x faster than fp32 on CPUs with AVX512-BF16. So the attention is computed
+explicitly, softmax(scale q k^T) v, a few heads at a time: each chunk's score matrices stay within
+~3 MiB (L2/L3), the two products go to oneDNN's bf16 GEMM, the softmax reads and writes bf16
+(accumulating in fp32 inside). 30 ms for the same 36 heads. In GEM's final product the three
+paths of one head share the values v, so (P_q v + P_k v + P_v v) / 3 is computed as
+((P_q + P_k + P_v) / 3) v: one product with v instead of three (docs/PERFORMANCE.md, "bf16 on CPU").
 """
 from __future__ import annotations
 
@@ -38,7 +47,8 @@ def adaptive_temperature(y: torch.Tensor, head_dim: int) -> torch.Tensor:
 
     y: [B, N, C] tokens after the block's first LayerNorm. Returns [B].
     """
-    return y.norm(dim=-1).mean(dim=-1) * head_dim ** -0.5
+    # In fp32 whatever y's precision: a bf16 norm of 768 values is off by up to ~0.4%.
+    return torch.linalg.vector_norm(y, dim=-1, dtype=torch.float32).mean(dim=-1) * head_dim ** -0.5
 
 
 def _temperature_tensor(temperature: Union[float, torch.Tensor], batch: int,
@@ -51,6 +61,62 @@ def _temperature_tensor(temperature: Union[float, torch.Tensor], batch: int,
     return t
 
 
+# Score bytes the CPU bf16 path materialises at once: two heads of one 448x448 image (785 tokens,
+# 2.4 MB) measured fastest (1 head: 34 ms, 2: 30 ms, 4: 35 ms, 8: 128 ms for 36 heads), i.e. as
+# long as a chunk's scores stay in cache.
+CPU_SCORE_BYTES = 3 * 2**20
+
+
+def lowp_cpu(x: torch.Tensor) -> bool:
+    """True where attention takes the explicit, chunked bf16 road (see the module docstring)."""
+    return x.device.type == "cpu" and x.dtype == torch.bfloat16
+
+
+def _heads_per_chunk(batch: int, n_query: int, n_key: int, element_size: int, heads: int) -> int:
+    per_head = batch * n_query * n_key * element_size
+    return max(1, min(heads, CPU_SCORE_BYTES // max(per_head, 1)))
+
+
+# exp(80) ~ 5.5e34: with scores at most this, unnormalised exp(scores) and their row sums over
+# thousands of tokens stay far below bf16's (= fp32's) largest value, 3.4e38.
+_EXP_SAFE_BOUND = 80.0
+
+
+def _chunked_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
+                       bias: Optional[torch.Tensor] = None,
+                       score_bound: Optional[float] = None) -> torch.Tensor:
+    """softmax(scale * query key^T + bias) value, explicitly, a few heads at a time.
+
+    query, key: [B, N, heads, d]; value: [B, N, heads, dv]; bias: [N, N] or None.
+    score_bound: a known upper bound of every score (GEM's self-self scores t cos <= t). Up to
+    `_EXP_SAFE_BOUND` the softmax's max pass is skipped: the output is exp(S) v / rowsum(exp(S)),
+    the division applied to the [N, dv] output instead of the [N, N] weights.
+    Returns [B, N, heads, dv], contiguous.
+    """
+    b, n, heads, _ = query.shape
+    out = query.new_empty(b, n, heads, value.shape[-1])
+    step = _heads_per_chunk(b, n, key.shape[1], query.element_size(), heads)
+    unnormalised = bias is None and score_bound is not None and score_bound <= _EXP_SAFE_BOUND
+    for start in range(0, heads, step):
+        chunk = slice(start, start + step)
+        # Contiguous copies (small: [B, h, N, d]): oneDNN's bf16 GEMM does not take these strided
+        # batches, and torch falls back to a loop that is several times slower.
+        q = query[:, :, chunk].transpose(1, 2)                                # [B, h, N, d]
+        q = q * scale if scale != 1.0 else q.contiguous()
+        k = key[:, :, chunk].transpose(1, 2).contiguous()
+        v = value[:, :, chunk].transpose(1, 2).contiguous()
+        scores = torch.matmul(q, k.transpose(-1, -2))                         # [B, h, N, N]
+        if unnormalised:
+            weights = scores.exp_()
+            o = torch.matmul(weights, v) / weights.sum(dim=-1, keepdim=True)  # [B, h, N, dv]
+        else:
+            if bias is not None:
+                scores += bias
+            o = torch.matmul(torch.softmax(scores, dim=-1), v)
+        out[:, :, chunk] = o.transpose(1, 2)
+    return out
+
+
 def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
            scale: Optional[float] = None) -> torch.Tensor:
     """softmax(scale * query key^T) value per head, tokens-major layout in and out.
@@ -58,7 +124,10 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     query, key, value: [B, N, heads, d] (any strides with a contiguous last dim: the transposes
     below are views, and the fused kernels read strided inputs). Returns [B, N, heads, d]; with
     the CPU and CUDA flash kernels that result is contiguous, so merging heads is free.
+    scale: None = 1/sqrt(d), as SDPA.
     """
+    if lowp_cpu(query):
+        return _chunked_attention(query, key, value, query.shape[-1] ** -0.5 if scale is None else scale)
     out = F.scaled_dot_product_attention(query.transpose(1, 2), key.transpose(1, 2),
                                          value.transpose(1, 2), scale=scale)
     return out.transpose(1, 2)
@@ -92,6 +161,9 @@ def self_self_attention(qkv: torch.Tensor, heads: int, temperature: Union[float,
     z = qkv.reshape(b, n, 3 * heads, d)       # the q, k and v paths as 3H heads, a view
     q, k, v = z.split(heads, dim=2)           # [B, N, H, d] views
 
+    if lowp_cpu(qkv):
+        t32 = _temperature_tensor(temperature, b, qkv.new_empty(0, dtype=torch.float32))
+        return _self_self_attention_lowp(z, q, k, v, heads, t32, iterations, original)
     for _ in range(iterations):               # Eq. 4
         zn = l2_normalize(z)
         z = attend(zn * t, zn, zn, scale=1.0)
@@ -106,6 +178,27 @@ def self_self_attention(qkv: torch.Tensor, heads: int, temperature: Union[float,
     out = attend(query, key, values, scale=1.0).unflatten(2, (paths, heads))  # Eq. 5, [B, N, paths, H, d]
     gem = out[:, :, :3].mean(dim=2).flatten(2)                                # Eq. 6, [B, N, H*d]
     return gem, (out[:, :, 3].flatten(2) if original else None)
+
+
+def _self_self_attention_lowp(z: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              heads: int, t: torch.Tensor, iterations: int, original: bool):
+    """`self_self_attention` on the CPU bf16 road: the same sums, each attention product chunked
+    (`_chunked_attention`), per image. The scores t n(z_i) . n(z_j) are at most t (equality on the
+    diagonal), which lets the softmax skip its max pass."""
+    images = []
+    for i in range(z.shape[0]):
+        zi, ti = z[i:i + 1], float(t[i])
+        for _ in range(iterations):                                          # Eq. 4
+            zn = l2_normalize(zi)
+            zi = _chunked_attention(zn, zn, zn, ti, score_bound=ti)
+        zn = l2_normalize(zi)
+        values = v[i:i + 1].repeat(1, 1, 3, 1)                               # [1, N, 3H, d]
+        out = _chunked_attention(zn, zn, values, ti, score_bound=ti)         # Eq. 5
+        gem = out.unflatten(2, (3, heads)).mean(dim=2).flatten(2)            # Eq. 6, [1, N, H*d]
+        own = attend(q[i:i + 1], k[i:i + 1], v[i:i + 1]).flatten(2) if original else None
+        images.append((gem, own))
+    gem = torch.cat([g for g, _ in images])
+    return gem, (torch.cat([o for _, o in images]) if original else None)
 
 
 def query_query_attention(qkv: torch.Tensor, heads: int) -> torch.Tensor:
@@ -138,6 +231,8 @@ def neighbourhood_attention(qkv: torch.Tensor, heads: int, bias: torch.Tensor) -
     `gaussian_neighbourhood_bias`. qkv: [B, N, 3*H*d]. Returns [B, N, H*d]."""
     b, n, _ = qkv.shape
     _, k, v = qkv.reshape(b, n, 3, heads, -1).unbind(2)
+    if lowp_cpu(qkv):
+        return _chunked_attention(k, k, v, k.shape[-1] ** -0.5, bias=bias.to(k.dtype)).reshape(b, n, -1)
     out = F.scaled_dot_product_attention(k.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                          attn_mask=bias.to(dtype=k.dtype, device=k.device))
     return out.transpose(1, 2).reshape(b, n, -1)

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
@@ -21,6 +22,74 @@ from .weights import cached_tag_file, check_download_possible, looks_like_checkp
 log = logging.getLogger(__name__)
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# "auto": bf16 where the hardware computes it natively (see `resolve_precision`), else fp32.
+PRECISION_CHOICES = tuple(PRECISIONS) + ("auto",)
+
+# /proc/cpuinfo flags of native bf16 arithmetic: x86 AVX512-BF16 (Cooper Lake, Zen 4 and later),
+# x86 AMX-BF16 (Sapphire Rapids and later), Arm's BF16 extension (Graviton 3, Neoverse V1/N2).
+_BF16_FLAGS = ("amx_bf16", "avx512_bf16", "bf16")
+
+
+@dataclass(frozen=True)
+class CpuBf16:
+    """Whether this CPU computes bf16 natively, and the one line that says so."""
+    fast: bool
+    flags: tuple[str, ...]       # the bf16 flags found
+    capability: str              # torch.backends.cpu.get_cpu_capability()
+
+    @property
+    def message(self) -> str:
+        if self.fast:
+            return (f"CPU bf16: native ({', '.join(self.flags)}; torch {self.capability}): GEM_PRECISION=bf16 "
+                    f"runs the image path in ~0.6x the fp32 time with GEM_TORCH_THREADS=1 (docs/PERFORMANCE.md, 'bf16 on CPU')")
+        return (f"CPU bf16: not native on this CPU (no avx512_bf16, amx_bf16 or Arm bf16 flag; torch "
+                f"{self.capability}): bf16 would be emulated and slower than fp32; use fp32")
+
+
+def cpu_bf16_support(cpuinfo: Optional[str] = None) -> CpuBf16:
+    """Native bf16 on this CPU, from /proc/cpuinfo's flags (`cpuinfo`: that file's text, for tests).
+
+    torch's own `torch.ops.mkldnn._is_mkldnn_bf16_supported()` answers yes on any AVX-512 CPU,
+    where oneDNN emulates bf16 with fp32 instructions and gains nothing; the flags say whether
+    the dot-product instructions that make bf16 fast are there.
+    """
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            cpuinfo = ""
+    words = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("flags", "features"):     # x86 and arm64 spellings
+            words.update(value.split())
+    found = tuple(f for f in _BF16_FLAGS if f in words)
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except Exception:  # noqa: BLE001 - older torch: the flags alone decide
+        capability = "unknown"
+    return CpuBf16(bool(found), found, capability)
+
+
+def resolve_precision(precision: str, device: torch.device, cpu: Optional[CpuBf16] = None) -> str:
+    """The precision a model is built in: `auto` resolved, and bf16 on a CPU without native bf16
+    refused with the reason (it would be a slower path, not a faster one)."""
+    if precision not in PRECISION_CHOICES:
+        raise GemError(f"precision must be one of {', '.join(PRECISION_CHOICES)}, got {precision!r}")
+    if device.type == "cuda":
+        if precision == "auto":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        return precision
+    if device.type != "cpu":
+        return "fp32" if precision == "auto" else precision
+    if precision in ("auto", "bf16"):
+        cpu = cpu or cpu_bf16_support()
+        if precision == "auto":
+            return "bf16" if cpu.fast else "fp32"
+        if not cpu.fast:
+            raise GemError(f"precision bf16 on this CPU would be slower than fp32, not faster: {cpu.message}. "
+                           f"Set GEM_PRECISION=fp32 (or auto, which picks bf16 only where it is native)")
+    return precision
 
 SUPPORTED_TOWERS = (
     "open_clip VisionTransformer image towers (ViT-*, e.g. ViT-B-16, ViT-B-32, ViT-L-14, "
@@ -199,10 +268,12 @@ def create_gem_model(model_name: str = "ViT-B-16", pretrained: Optional[str] = "
     pamr_iters: PAMR refinement of the similarity maps (gem_model.pamr; 0 = off), at pamr_dilations
     (None = gem_model.pamr.DEFAULT_DILATIONS). pos_embed_resize: "antialias" or "authors" (ClearCLIP's
     and NACLIP's positional-embedding resize; gem_model.model.resize_patch_positions).
+    precision: fp32, fp16, bf16 or auto (bf16 where the CPU or GPU computes it natively, else fp32).
+    bf16 on a CPU without native bf16 raises GemError (`cpu_bf16_support`). With bf16 the weights
+    are stored in bf16; on CPU the residual streams, norms, text embeddings and similarity stay fp32.
     """
-    if precision not in PRECISIONS:
-        raise GemError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     device = resolve_device(device)
+    precision = resolve_precision(precision, device)
     clip, tokenizer = load_clip(model_name, pretrained, model_config, cache_dir, quick_gelu)
     model = GemModel(clip, tokenizer, gem_depth=gem_depth, ss_attn_iter=ss_attn_iter,
                      ss_attn_temp=ss_attn_temp, prompt_template=prompt_template,

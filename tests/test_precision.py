@@ -1,0 +1,233 @@
+"""GEM_PRECISION=bf16 as a CPU mode: the bf16 path agrees with fp32, the similarity stays fp32,
+and the machine's bf16 support is detected and reported (docs/PERFORMANCE.md, "bf16 on CPU").
+
+The bf16 models here are built with GemModel(...).to(bfloat16) directly, so the tests run on any
+CPU (the factory refuses bf16 on a CPU without native bf16, which is tested separately).
+"""
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import gem_model
+from gem_model import factory
+from gem_model.attention import _chunked_attention, lowp_cpu, self_self_attention
+from gem_model.errors import GemError
+from gem_model.model import GemModel
+
+PROMPTS = ["cat", "remote control", "a red car", "tree"]
+
+X86_BF16 = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512bw avx512_bf16 avx512_vnni\n"
+X86_AMX = "flags\t\t: fpu avx2 avx512f amx_bf16 amx_tile amx_int8\n"
+X86_AVX2 = "processor\t: 0\nflags\t\t: fpu sse sse2 avx avx2 fma\n"
+X86_AVX512_ONLY = "flags\t\t: fpu avx2 avx512f avx512bw avx512vl avx512_vnni\n"
+ARM_BF16 = "processor\t: 0\nFeatures\t: fp asimd evtstrm aes sve bf16 i8mm\n"
+
+
+def _models(tiny_model_files, **kwargs):
+    name, config_path, checkpoint = tiny_model_files
+    fp32 = gem_model.create_gem_model(name, str(checkpoint), device="cpu", model_config=str(config_path), **kwargs)
+    bf16 = GemModel(copy.deepcopy(fp32.clip), fp32.tokenizer, **kwargs).to(torch.bfloat16).eval()
+    return fp32, bf16
+
+
+def _images(seed=0, batch=2, size=(64, 96)):
+    torch.manual_seed(seed)
+    # Smooth images (a few colour blobs), so that maps have structure rather than pixel noise.
+    return F.interpolate(torch.randn(batch, 3, 4, 6), size=size, mode="bilinear", align_corners=False)
+
+
+# -- the attention maths -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("heads,n", [(3, 17), (8, 50)])
+def test_chunked_attention_matches_float64_softmax(heads, n, monkeypatch):
+    # Tiny budget: several chunks, so that chunk boundaries are exercised too.
+    monkeypatch.setattr("gem_model.attention.CPU_SCORE_BYTES", 2 * n * n * 2)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, n, heads, 16) for _ in range(3))
+    reference = torch.softmax(torch.einsum("bnhd,bmhd->bhnm", q.double() * 0.25, k.double()), -1)
+    reference = torch.einsum("bhnm,bmhd->bnhd", reference, v.double())
+    out = _chunked_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), 0.25)
+    assert out.dtype == torch.bfloat16 and out.shape == v.shape
+    assert (out.double() - reference).abs().max() < 0.03      # bf16 inputs: 2^-8 relative
+
+
+def test_unnormalised_softmax_equals_softmax_under_the_bound():
+    torch.manual_seed(1)
+    zn = F.normalize(torch.randn(1, 40, 6, 16), dim=-1).bfloat16()
+    t = 7.0
+    plain = _chunked_attention(zn, zn, zn, t)
+    bounded = _chunked_attention(zn, zn, zn, t, score_bound=t)
+    assert (plain.float() - bounded.float()).abs().max() < 0.02
+    # Past the safe bound the plain softmax is used (exp(200) would overflow).
+    huge = _chunked_attention(zn, zn, zn, 200.0, score_bound=200.0)
+    assert torch.isfinite(huge.float()).all()
+
+
+def test_self_self_attention_bf16_road_matches_fp32():
+    torch.manual_seed(2)
+    qkv = torch.randn(2, 30, 3 * 4 * 8)
+    t = torch.tensor([1.5, 3.0])
+    ref_gem, ref_ori = self_self_attention(qkv, 4, t, iterations=1, original=True)
+    assert not lowp_cpu(qkv) and lowp_cpu(qkv.bfloat16())
+    gem, ori = self_self_attention(qkv.bfloat16(), 4, t, iterations=1, original=True)
+    assert gem.dtype == torch.bfloat16
+    cos = F.cosine_similarity(gem.float(), ref_gem, dim=-1)
+    assert cos.min() > 0.999
+    assert F.cosine_similarity(ori.float(), ref_ori, dim=-1).min() > 0.999
+
+
+# -- the model ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs", [{}, {"mode": "clearclip"}, {"mode": "naclip"}])
+def test_bf16_maps_agree_with_fp32(tiny_model_files, kwargs):
+    fp32, bf16 = _models(tiny_model_files, **kwargs)
+    images = _images()
+    ref = fp32(images, PROMPTS, normalize=False)
+    out = bf16(images, PROMPTS, normalize=False)
+    assert out.dtype == torch.float32
+    agree = (out.argmax(1) == ref.argmax(1)).float().mean().item()
+    assert agree >= 0.97, agree
+    # Masks: each prompt's pixels above its own median, fp32 vs bf16.
+    cut = ref.flatten(2).median(-1).values[..., None, None]
+    a, b = ref > cut, out > cut
+    iou = ((a & b).sum() / (a | b).sum()).item()
+    assert iou >= 0.95, iou
+
+
+def test_bf16_keeps_streams_similarity_and_text_in_fp32(tiny_model_files):
+    fp32, bf16 = _models(tiny_model_files)
+    assert bf16.dtype == torch.bfloat16 and bf16.stream_dtype == torch.float32
+    assert fp32.stream_dtype == torch.float32
+    assert all(p.dtype == torch.bfloat16 for p in bf16.clip.parameters())    # weights stored in bf16
+    features = bf16.encode_image(_images(batch=1))
+    assert features.gem.dtype == torch.float32
+    text = bf16.encode_text(PROMPTS)
+    assert text.dtype == torch.float32
+    assert bf16.similarity(features, PROMPTS).dtype == torch.float32
+    # The text tower is computed in fp32 from the bf16-stored weights: the same as an fp32 model
+    # holding those rounded weights, not as a bf16 computation.
+    rounded = GemModel(copy.deepcopy(bf16.clip).float(), bf16.tokenizer).eval()
+    assert (text - rounded.encode_text(PROMPTS)).abs().max() < 1e-5
+    assert all(p.dtype == torch.bfloat16 for p in bf16.clip.parameters())    # and left as they were
+
+
+def test_fp32_path_is_untouched_by_the_bf16_road(tiny_model_files, monkeypatch):
+    """The fp32 model never takes the chunked road (its equivalence with bench/plain_gem.py is
+    tests/test_perf_equivalence.py), the bf16 one always does; the predictor's maps come back
+    float32 in both."""
+    import gem_model.attention as attention
+
+    calls = []
+    real = attention._chunked_attention
+    monkeypatch.setattr(attention, "_chunked_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    fp32, bf16 = _models(tiny_model_files)
+    image = (np.random.default_rng(0).uniform(0, 255, (50, 70, 3))).astype(np.uint8)
+    for model, chunked in ((fp32, False), (bf16, True)):
+        calls.clear()
+        predictor = gem_model.HeatmapPredictor(model, image_size=64, cache_bytes=0)
+        maps = predictor.similarity(predictor.encode([image])[0], PROMPTS)
+        assert maps.dtype == np.float32 and maps.shape == (4, 50, 70)
+        assert bool(calls) is chunked
+
+
+# -- detection and settings --------------------------------------------------------------------
+
+@pytest.mark.parametrize("text,fast,flags", [
+    (X86_BF16, True, ("avx512_bf16",)),
+    (X86_AMX, True, ("amx_bf16",)),
+    (ARM_BF16, True, ("bf16",)),
+    (X86_AVX2, False, ()),
+    (X86_AVX512_ONLY, False, ()),          # AVX-512 without the bf16 instructions: emulated
+    ("", False, ()),
+])
+def test_cpu_bf16_detection_from_cpuinfo(text, fast, flags):
+    found = factory.cpu_bf16_support(text)
+    assert found.fast is fast and found.flags == flags
+    assert ("native" in found.message) and (("not native" in found.message) is not fast)
+
+
+def test_precision_resolution_and_refusal():
+    cpu = torch.device("cpu")
+    native, none = factory.cpu_bf16_support(X86_BF16), factory.cpu_bf16_support(X86_AVX2)
+    assert factory.resolve_precision("auto", cpu, native) == "bf16"
+    assert factory.resolve_precision("auto", cpu, none) == "fp32"
+    assert factory.resolve_precision("bf16", cpu, native) == "bf16"
+    assert factory.resolve_precision("fp32", cpu, none) == "fp32"
+    with pytest.raises(GemError, match="slower than fp32.*GEM_PRECISION=fp32"):
+        factory.resolve_precision("bf16", cpu, none)
+    with pytest.raises(GemError, match="precision must be one of"):
+        factory.resolve_precision("int4", cpu, native)
+
+
+_REAL_DETECT = factory.cpu_bf16_support
+
+
+def _fixed(text):
+    return _REAL_DETECT(text)
+
+
+def test_factory_builds_bf16_only_where_native(tiny_model_files, monkeypatch):
+    name, config_path, checkpoint = tiny_model_files
+    build = dict(model_name=name, pretrained=str(checkpoint), device="cpu", model_config=str(config_path))
+    monkeypatch.setattr(factory, "cpu_bf16_support", lambda: _fixed(X86_AVX2))
+    with pytest.raises(GemError, match="bf16 would be emulated"):
+        gem_model.create_gem_model(precision="bf16", **build)
+    assert gem_model.create_gem_model(precision="auto", **build).dtype == torch.float32
+    monkeypatch.setattr(factory, "cpu_bf16_support", lambda: _fixed(X86_BF16))
+    assert gem_model.create_gem_model(precision="auto", **build).dtype == torch.bfloat16
+
+
+def _clean_env(monkeypatch, tmp_path):
+    import os
+
+    for key in [k for k in os.environ if k.startswith(("GEM_", "LABEL_STUDIO_"))]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("MODEL_DIR", str(tmp_path))
+    monkeypatch.setenv("GEM_PRETRAINED", "none")
+    monkeypatch.setenv("GEM_DEVICE", "cpu")
+
+
+def test_check_reports_cpu_bf16_and_refuses_it_where_not_native(monkeypatch, tmp_path, capsys):
+    from backend.__main__ import main as backend_main
+    from backend.settings import Settings
+
+    _clean_env(monkeypatch, tmp_path)
+    monkeypatch.setenv("GEM_PRECISION", "auto")
+    assert Settings.from_env().precision == "auto"
+    monkeypatch.setattr(factory, "cpu_bf16_support", lambda: _fixed(X86_BF16))
+    assert backend_main(["--check"]) == 0
+    err = capsys.readouterr().err
+    assert "precision: auto -> bf16 on cpu" in err and "CPU bf16: native (avx512_bf16" in err
+
+    monkeypatch.setattr(factory, "cpu_bf16_support", lambda: _fixed(X86_AVX2))
+    assert backend_main(["--check"]) == 0
+    assert "precision: auto -> fp32 on cpu" in capsys.readouterr().err
+    monkeypatch.setenv("GEM_PRECISION", "bf16")
+    assert backend_main(["--check"]) == 2
+    err = capsys.readouterr().err
+    assert "GEM_PRECISION='bf16'" in err and "slower than fp32" in err and "not native" in err
+
+
+def test_start_log_says_precision(tiny_model_files, monkeypatch, tmp_path, caplog):
+    """The model loader's first log line names the precision it resolved and the CPU's bf16 support."""
+    import logging
+
+    from backend.model import GemBackendModel
+    from backend.settings import Settings
+
+    name, config_path, checkpoint = tiny_model_files
+    _clean_env(monkeypatch, tmp_path)
+    for key, value in {"GEM_MODEL": name, "GEM_PRETRAINED": str(checkpoint), "GEM_MODEL_CONFIG": str(config_path),
+                       "GEM_PRECISION": "auto", "GEM_IMAGE_SIZE": "32", "GEM_LEARN": "false"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(factory, "cpu_bf16_support", lambda: _fixed(X86_BF16))
+    backend = GemBackendModel(Settings.from_env())
+    with caplog.at_level(logging.INFO, logger="backend"):
+        backend.load()
+    assert backend.ready and backend.load_error is None
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("loading model"))
+    assert "precision: auto -> bf16 on cpu; CPU bf16: native (avx512_bf16" in line
+    assert backend.pipeline.predictor.model.dtype == torch.bfloat16
