@@ -55,14 +55,14 @@ class _Store:
     def __init__(self):
         self.builds = 0
 
-    def version(self, project):
-        return 1
+    def version(self, key):
+        return "l1"
 
 
 class _States(LearnedStates):
-    def _build(self, project, version):
+    def _build(self, key):
         self.store.builds += 1
-        return _state(int(project), vectors=1 + int(project) % 7)
+        return _state(int(key), vectors=1 + int(key) % 7)
 
 
 def test_learned_states_stay_within_their_bytes_and_come_back_after_eviction():
