@@ -40,6 +40,8 @@ import time
 import uuid
 from typing import Iterable, Iterator
 
+from .sqlite_db import connect, transaction
+
 logger = logging.getLogger("backend.claims")
 
 HOST = socket.gethostname()
@@ -113,14 +115,8 @@ class ClaimStore:
         """A new holder (a unique token) for one request or job; its claims are its own."""
         return ClaimHolder(self, f"{label}:{HOST}:{self.pid}:{uuid.uuid4().hex[:12]}")
 
-    @contextlib.contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)   # autocommit; explicit BEGIN
-        try:
-            db.execute("PRAGMA journal_mode=WAL")
-            yield db
-        finally:
-            db.close()
+    def _connect(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        return connect(self.path)
 
     def _alive(self, holder: str, host: str, boot: str, pid: int, start: int, expires: float, now: float) -> bool:
         """Whether a row still counts: not expired, and (if its process can be checked here) that process lives."""
@@ -186,35 +182,23 @@ class ClaimStore:
             return set()
         now = time.time()
         granted: set[str] = set()
-        with self._lock, self._connect() as db:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                self._prune(db, now)
-                for key in keys:
-                    row = self._live_row(db, key, model_version, now)
-                    if row is not None and row[0] != token:
-                        continue
-                    db.execute("INSERT OR REPLACE INTO claims VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                               (key, model_version, project, token, HOST, BOOT, self.pid, self.start,
-                                now + self.lease_s))
-                    granted.add(key)
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
+        with self._lock, self._connect() as db, transaction(db):
+            self._prune(db, now)
+            for key in keys:
+                row = self._live_row(db, key, model_version, now)
+                if row is not None and row[0] != token:
+                    continue
+                db.execute("INSERT OR REPLACE INTO claims VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                           (key, model_version, project, token, HOST, BOOT, self.pid, self.start,
+                            now + self.lease_s))
+                granted.add(key)
         return granted
 
     def _update(self, sql: str, rows: list[tuple]) -> None:
         if not rows:
             return
-        with self._lock, self._connect() as db:
-            db.execute("BEGIN IMMEDIATE")     # one transaction (one sync to disk) for all the rows
-            try:
-                db.executemany(sql, rows)
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
+        with self._lock, self._connect() as db, transaction(db):
+            db.executemany(sql, rows)
 
     def _held(self, token: str) -> list[tuple[str, str]]:
         with self._lock, self._connect() as db:

@@ -29,7 +29,7 @@ import queue
 import sqlite3
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -37,6 +37,7 @@ import numpy as np
 
 from .decode import label_masks, result_regions
 from .settings import Settings
+from .sqlite_db import connect, transaction
 
 logger = logging.getLogger(__name__)
 
@@ -180,24 +181,14 @@ class LearningStore:
                     key TEXT NOT NULL, task TEXT NOT NULL, PRIMARY KEY (key, task));
             """)
 
-    @contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-        try:
-            yield db
-        finally:
-            db.close()
+    def _connect(self) -> AbstractContextManager[sqlite3.Connection]:
+        # WAL is set once, when the file is created (it is a property of the database file).
+        return connect(self.path, wal=False)
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._connect() as db:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
+        with self._connect() as db, transaction(db):
+            yield db
 
     # -- projects ----------------------------------------------------------------------------
 

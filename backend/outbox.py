@@ -29,7 +29,9 @@ import sqlite3
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from .sqlite_db import connect, transaction
 
 logger = logging.getLogger("backend.outbox")
 
@@ -84,15 +86,8 @@ class Outbox:
                        "PRIMARY KEY (task, model_version))")
             db.execute("CREATE INDEX IF NOT EXISTS items_state ON items (state, next_try)")
 
-    @contextlib.contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
-        try:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")      # a row we said is kept survives a power cut too
-            yield db
-        finally:
-            db.close()
+    def _connect(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        return connect(self.path, synchronous_full=True)   # a row we said is kept survives a power cut too
 
     # -- putting in --------------------------------------------------------------------------------
 
@@ -112,31 +107,25 @@ class Outbox:
         """Queue tasks (id + data only); per task whether it is in the outbox now (False: `limit` reached)."""
         now = time.time()
         taken = []
-        with self._lock, self._connect() as db:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                size = db.execute("SELECT COUNT(*) FROM items").fetchone()[0]
-                seq = db.execute("SELECT COALESCE(MAX(seq), 0) FROM items").fetchone()[0]
-                for task in tasks:
-                    key = str(task["id"])
-                    if db.execute("SELECT 1 FROM items WHERE task=? AND model_version=?",
-                                  (key, model_version)).fetchone():
-                        taken.append(True)
-                        continue
-                    if size >= limit:
-                        taken.append(False)
-                        continue
-                    seq += 1
-                    db.execute("INSERT INTO items (task, model_version, project, job, state, task_data, created, seq) "
-                               "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                               (key, model_version, int(project), job, QUEUED,
-                                json.dumps({"id": task["id"], "data": task.get("data")}), now, seq))
-                    size += 1
+        with self._lock, self._connect() as db, transaction(db):
+            size = db.execute("SELECT COUNT(*) FROM items").fetchone()[0]
+            seq = db.execute("SELECT COALESCE(MAX(seq), 0) FROM items").fetchone()[0]
+            for task in tasks:
+                key = str(task["id"])
+                if db.execute("SELECT 1 FROM items WHERE task=? AND model_version=?",
+                              (key, model_version)).fetchone():
                     taken.append(True)
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
+                    continue
+                if size >= limit:
+                    taken.append(False)
+                    continue
+                seq += 1
+                db.execute("INSERT INTO items (task, model_version, project, job, state, task_data, created, seq) "
+                           "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                           (key, model_version, int(project), job, QUEUED,
+                            json.dumps({"id": task["id"], "data": task.get("data")}), now, seq))
+                size += 1
+                taken.append(True)
         return taken
 
     def put_result(self, task: Any, model_version: str, result: list, score: float, prediction_version: str) -> None:
@@ -218,15 +207,9 @@ class Outbox:
 
     def done(self, rows: Iterable[tuple[str, str]]) -> None:
         """Stored (or given up): the rows go, and jobs no row needs any more with them."""
-        with self._lock, self._connect() as db:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                db.executemany("DELETE FROM items WHERE task=? AND model_version=?", [(str(t), v) for t, v in rows])
-                db.execute("DELETE FROM jobs WHERE key NOT IN (SELECT DISTINCT job FROM items)")
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
+        with self._lock, self._connect() as db, transaction(db):
+            db.executemany("DELETE FROM items WHERE task=? AND model_version=?", [(str(t), v) for t, v in rows])
+            db.execute("DELETE FROM jobs WHERE key NOT IN (SELECT DISTINCT job FROM items)")
 
     def retry(self, task: Any, model_version: str, error: str, delay_s: float, count: bool = True) -> int:
         """Try this row again in `delay_s`; returns its attempts so far (not counted when `count` is False)."""
