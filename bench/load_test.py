@@ -38,6 +38,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Callable, Mapping
 
 import numpy as np
 import requests
@@ -75,20 +76,22 @@ def test_image(seed: int, width: int, height: int) -> bytes:
 
 
 class ImageServer:
-    """Serves /img/<k>.png from memory on 127.0.0.1."""
+    """Serves /img/<k>.png from memory on 127.0.0.1. `images`: path -> bytes, or a function of the
+    path that gives the bytes (None: 404), for images made on request."""
 
-    def __init__(self, images: dict[str, bytes]):
+    def __init__(self, images: Mapping[str, bytes] | Callable[[str], bytes | None],
+                 content_type: str = "image/png"):
         self.images = images
-        outer = self
+        lookup = images if callable(images) else images.get
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
             def do_GET(self):
-                data = outer.images.get(self.path)
+                data = lookup(self.path)
                 status, data = (200, data) if data is not None else (404, b"missing")
                 self.send_response(status)
-                self.send_header("Content-Type", "image/png")
+                self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)

@@ -36,7 +36,6 @@ import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +44,7 @@ from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.load_test import LOOPBACK, GunicornServer, free_port, rss_mib  # noqa: E402
+from bench.load_test import LOOPBACK, GunicornServer, ImageServer, free_port, rss_mib  # noqa: E402
 
 LABELS = ("car", "sky", "person")
 CONFIG = ("<View><Image name=\"image\" value=\"$image\"/>"
@@ -99,37 +98,15 @@ def image_bytes(index: int, width: int, height: int, broken_every: int) -> tuple
     return photo(index, width, height), "ok"
 
 
-class PhotoServer:
+class PhotoServer(ImageServer):
     """GET /img/<i>.jpg: image i, generated on request on 127.0.0.1 (nothing held in memory)."""
 
     def __init__(self, width: int, height: int, broken_every: int):
-        outer = self
-        self.width, self.height, self.broken_every = width, height, broken_every
+        def photo_at(path: str) -> bytes | None:
+            match = re.fullmatch(r"/img/(\d+)\.(jpg|png)", path.split("?")[0])
+            return image_bytes(int(match.group(1)), width, height, broken_every)[0] if match else None
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_GET(self):
-                match = re.fullmatch(r"/img/(\d+)\.(jpg|png)", self.path.split("?")[0])
-                data = image_bytes(int(match.group(1)), outer.width, outer.height, outer.broken_every)[0] \
-                    if match else b"missing"
-                self.send_response(200 if match else 404)
-                self.send_header("Content-Type", "image/jpeg")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer((LOOPBACK, 0), Handler)
-        self.httpd.daemon_threads = True
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-        self.url = f"http://{LOOPBACK}:{self.httpd.server_address[1]}"
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().__init__(photo_at, content_type="image/jpeg")
 
 
 # ---------------------------------------------------------------------------------------
