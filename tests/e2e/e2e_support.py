@@ -545,6 +545,22 @@ def brush_masks(result: list[dict]) -> list[tuple[str, np.ndarray]]:
     return sorted(masks, key=lambda pair: (pair[0], pair[1].tobytes()))
 
 
+def local_files_project(ls: "LabelStudioAPI", label_studio: Any, name: str, label_config: str, n: int,
+                        size: tuple[int, int] = (640, 480), seed: int = 100) -> tuple[int, list[int]]:
+    """A project of `n` generated PNGs in Label Studio's local-files storage (folder `name`):
+    (project id, task ids in order)."""
+    project = ls.create_project(f"e2e {name}", label_config)
+    folder = label_studio.local_files_root / name
+    folder.mkdir()
+    for i in range(n):
+        pattern_image(*size, seed=seed + i).save(folder / f"{i:03d}.png")
+    ls.add_local_storage(project, folder)
+    ls.import_tasks(project, [{"image": f"/data/local-files/?d={name}/{i:03d}.png"} for i in range(n)])
+    ids = [t["id"] for t in ls.tasks(project)]
+    assert len(ids) == n
+    return project, ids
+
+
 def metric_value(text: str, name: str, **labels: str) -> float:
     """Sum of a Prometheus text-format series whose labels include `labels`."""
     total = 0.0

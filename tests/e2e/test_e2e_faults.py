@@ -21,7 +21,7 @@ import pytest
 import requests
 
 from conftest import LS_START_TIMEOUT_S, wait_for_backend
-from e2e_support import check, http_ok, metric_value, pattern_image, wait_until
+from e2e_support import check, http_ok, local_files_project, metric_value, wait_until
 
 CONFIG = ('<View><Image name="image" value="$image"/>'
           '<RectangleLabels name="rect" toName="image"><Label value="circle"/><Label value="square"/>'
@@ -30,16 +30,7 @@ OUTAGE_S = 60.0
 
 
 def _project(ls, label_studio, name: str, n: int) -> tuple[int, list[int]]:
-    project = ls.create_project(f"e2e faults {name}", CONFIG)
-    folder = label_studio.local_files_root / f"faults-{name}"
-    folder.mkdir()
-    for i in range(n):
-        pattern_image(320, 240, seed=300 + i).save(folder / f"{i:03d}.png")
-    ls.add_local_storage(project, folder)
-    ls.import_tasks(project, [{"image": f"/data/local-files/?d=faults-{name}/{i:03d}.png"} for i in range(n)])
-    ids = [t["id"] for t in ls.tasks(project)]
-    assert len(ids) == n
-    return project, ids
+    return local_files_project(ls, label_studio, f"faults-{name}", CONFIG, n, size=(320, 240), seed=300)
 
 
 def _counts(ls, ids: list[int]) -> dict[int, int]:

@@ -17,25 +17,12 @@ import sys
 import pytest
 
 from conftest import TINY_MODEL_ENV
-from e2e_support import REPO_ROOT, check, child_env, metric_value, pattern_image, wait_until
+from e2e_support import REPO_ROOT, check, child_env, local_files_project, metric_value, wait_until
 
 CONFIG = ('<View><Image name="image" value="$image"/>'
           '<RectangleLabels name="rect" toName="image"><Label value="circle"/><Label value="square"/>'
           '</RectangleLabels></View>')
 TASKS = 40
-
-
-def _project_with_images(ls, label_studio, name: str, n: int) -> tuple[int, list[int]]:
-    project = ls.create_project(f"e2e {name}", CONFIG)
-    folder = label_studio.local_files_root / name
-    folder.mkdir()
-    for i in range(n):
-        pattern_image(640, 480, seed=100 + i).save(folder / f"{i:03d}.png")
-    ls.add_local_storage(project, folder)
-    ls.import_tasks(project, [{"image": f"/data/local-files/?d={name}/{i:03d}.png"} for i in range(n)])
-    ids = [t["id"] for t in ls.tasks(project)]
-    assert len(ids) == n
-    return project, ids
 
 
 def _stored_in_project(ls, project: int) -> int:
@@ -57,7 +44,7 @@ def budget_backend(start_backend, label_studio):
 
 
 def test_retrieve_predictions_past_the_budget_stores_one_prediction_per_task(ls, label_studio, budget_backend):
-    project, ids = _project_with_images(ls, label_studio, "budget", TASKS)
+    project, ids = local_files_project(ls, label_studio, "budget", CONFIG, TASKS)
     ml = check(ls.add_ml_backend(project, budget_backend.url, is_interactive=False), 201).json()
 
     ls.retrieve_predictions(project)
@@ -88,7 +75,7 @@ def test_retrieve_predictions_past_the_budget_stores_one_prediction_per_task(ls,
 
 
 def test_prelabel_command_killed_and_restarted_adds_no_duplicates(ls, label_studio, tiny_model_files, e2e_dir):
-    project, ids = _project_with_images(ls, label_studio, "prelabel", 40)
+    project, ids = local_files_project(ls, label_studio, "prelabel", CONFIG, 40)
     name, config_path, checkpoint_path = tiny_model_files
     env = child_env({**TINY_MODEL_ENV, "GEM_MODEL": name, "GEM_MODEL_CONFIG": str(config_path),
                      "GEM_PRETRAINED": str(checkpoint_path), "GEM_BATCH_SIZE": "2",
