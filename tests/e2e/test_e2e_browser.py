@@ -360,6 +360,7 @@ def smart_project(ls, smart_proxy) -> dict:
     ls.upload_files(project_id, {
         "box": ("box.png", encode_png(smart_scene()), "image/png"),
         "click": ("click.png", encode_png(smart_scene()), "image/png"),
+        "negative-box": ("negative-box.png", encode_png(smart_scene()), "image/png"),
     })
     tasks = sorted(ls.tasks(project_id), key=lambda t: t["id"])
     ml = check(ls.add_ml_backend(project_id, smart_proxy.url, is_interactive=True), 201).json()
@@ -448,3 +449,160 @@ def test_one_example_box_suggests_every_like_object(
     assert all(_covers(stored, d) > 0.8 for d in SCENE_DISCS)
     assert len(stored) >= regions_before + len(suggested)
     steps.done("submitted")
+
+
+# Selectors of the smart tools on Label Studio 1.23.2: the Auto-Detect button of the toolbar
+# shows the smart tools (one per smart control's kind) while hovered; the label groups are in
+# the config's order (rect, kp, brush, poly in SMART_CONFIG).
+AUTO_DETECT = ".lsf-tool_smart"
+HIDE_ALL_REGIONS = "button[aria-label='Hide all regions']"
+LABEL_GROUPS = {"rect": 0, "kp": 1}
+
+
+def _pick_label(page, control: str, label: str) -> None:
+    page.locator(".lsf-labels").nth(LABEL_GROUPS[control]).get_by_text(label, exact=True).click()
+
+
+def _label_selected(page, control: str, label: str) -> bool:
+    chosen = page.locator(".lsf-labels").nth(LABEL_GROUPS[control]).locator(".lsf-label_selected")
+    return label in chosen.all_inner_texts()
+
+
+def _pick_smart_tool(page, tool: str) -> None:
+    """Hover Auto-Detect, click one of its tools (aria-label `rectangle-tool`, `key-point-tool`)."""
+    page.locator(AUTO_DETECT).first.hover()
+    page.locator(f"[aria-label={tool}]").click()
+    assert page.locator(f".lsf-tool_active[aria-label={tool}]").count() == 1
+
+
+def _click_image(page, x: float, y: float, alt: bool = False) -> None:
+    position = _image_point(page, x, y)
+    if alt:
+        page.keyboard.down("Alt")
+    try:
+        page.mouse.click(*position)
+    finally:
+        if alt:
+            page.keyboard.up("Alt")
+
+
+def _centre(box) -> tuple[float, float]:
+    return (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+
+
+def test_a_negative_click_removes_the_lookalike_and_keeps_the_like_objects(
+        page, ui_calls, label_studio, ls, smart_proxy, smart_backend, smart_project, browser_artifacts,
+        browser_timing):
+    steps = Steps("negative-click", page, ui_calls, smart_proxy, browser_artifacts)
+    task = smart_project["tasks"][1]
+    _open_smart_task(page, label_studio, smart_project, task)
+    time.sleep(2)
+    # The pre-annotations cover every object, and a rectangle or polygon region takes a click
+    # made on it (it selects the region): the annotator hides them to click under them.
+    page.click(HIDE_ALL_REGIONS)
+    steps.done("opened")
+
+    # One click on the first disc with the keypoint control's "disc" and Auto-Detect's key point.
+    _pick_label(page, "kp", "disc")
+    _pick_smart_tool(page, "key-point-tool")
+    before = len(smart_proxy.calls())
+    _click_image(page, *_centre(SCENE_DISCS[0]))
+    (first,) = wait_until(lambda: _interactive_calls(smart_proxy, before, "keypointlabels"), timeout=60)[:1]
+    (click,) = first.body["params"]["context"]["result"]
+    assert (click["type"], click["from_name"], click["to_name"]) == ("keypointlabels", "kp", "image")
+    assert click["is_positive"] is True and click["value"]["keypointlabels"] == ["disc"]
+    assert (click["original_width"], click["original_height"]) == SCENE_SIZE
+    assert abs(click["value"]["x"] * SCENE_SIZE[0] / 100 - _centre(SCENE_DISCS[0])[0]) < 15
+    suggested = first.answer["results"][0]["result"]
+    # Every disc, and the orange look-alike with them; the blue squares not.
+    assert all(_covers(suggested, d) > 0.8 for d in SCENE_DISCS), suggested
+    assert _covers(suggested, SCENE_LOOKALIKE) > 0.8
+    assert all(_covers(suggested, s) == 0 for s in SCENE_SQUARES)
+    page.get_by_text(SUGGESTIONS).first.wait_for()
+    assert suggestion_count(page) == len(suggested)
+    steps.done("positive-click")
+
+    # Label Studio unselects the label once a region is made: without choosing it again, a
+    # second click makes no region and calls nobody (why a second example "never arrived").
+    assert not _label_selected(page, "kp", "disc")
+    _pick_label(page, "kp", "disc")
+    before = len(smart_proxy.calls())
+    _click_image(page, *_centre(SCENE_LOOKALIKE), alt=True)
+    (second,) = wait_until(lambda: _interactive_calls(smart_proxy, before, "keypointlabels"), timeout=60)[:1]
+    context = second.body["params"]["context"]
+    # Both clicks of that label, each with its sign.
+    assert [(i["id"], i["is_positive"]) for i in context["result"]] == [(click["id"], True), (context["result"][1]["id"], False)]
+    negative = context["result"][1]
+    assert negative["value"]["keypointlabels"] == ["disc"]
+    assert abs(negative["value"]["x"] * SCENE_SIZE[0] / 100 - _centre(SCENE_LOOKALIKE)[0]) < 15
+    answered = second.answer["results"][0]["result"]
+    assert all(_covers(answered, d) > 0.8 for d in SCENE_DISCS), answered
+    assert _covers(answered, SCENE_LOOKALIKE) == 0
+    for kind in ("brushlabels", "polygonlabels"):
+        assert all(_covers(answered, d, kind) > 0.8 for d in SCENE_DISCS)
+        assert _covers(answered, SCENE_LOOKALIKE, kind) == 0
+    # The suggestions shown are the new answer's (they replace the first ones).
+    wait_until(lambda: suggestion_count(page) == len(answered), timeout=10)
+    assert suggestion_count(page) == len(answered) < len(suggested)
+    steps.done("negative-click")
+
+    # The negative is what removed it: the backend asked directly with the same context less the
+    # negative click covers the look-alike again; with the whole context it answers as the UI got.
+    body = second.body
+    without = smart_backend.predict(body["tasks"], body["label_config"], body["project"],
+                                    context={"result": [i for i in context["result"] if i["is_positive"]]})
+    assert _covers(without[0]["result"], SCENE_LOOKALIKE) > 0.8
+    again = smart_backend.predict(body["tasks"], body["label_config"], body["project"], context=context)
+    assert _comparable(again[0]["result"]) == _comparable(answered)
+
+    # Accept and Submit: the stored annotation holds the discs' regions and nothing on the
+    # look-alike; the example clicks themselves are dropped by Label Studio on Accept.
+    page.click(ACCEPT)
+    wait_until(lambda: suggestion_count(page) == 0, timeout=10)
+    steps.done("accepted")
+    page.click(SUBMIT)
+    (annotation,) = wait_until(lambda: check(ls.get(f"/api/tasks/{task}/annotations/"), 200).json(), timeout=30)
+    accepted = [i for i in annotation["result"] if i.get("origin") != "prediction"]
+    assert _comparable(accepted) == _comparable(answered)
+    assert all(_covers(accepted, d) > 0.8 for d in SCENE_DISCS) and _covers(accepted, SCENE_LOOKALIKE) == 0
+    steps.done("submitted")
+
+
+def test_a_negative_label_box_reaches_the_backend_alone(
+        page, ui_calls, label_studio, smart_proxy, smart_project, browser_artifacts, browser_timing):
+    """Label Studio 1.23.2 sends, with a new smart region, only the regions of the same kind and
+    the same label: a box of the `negative="true"` label never travels with the positive box.
+    The backend has nothing to find then, and the suggestions go (docs/INTERACTIVE.md)."""
+    steps = Steps("negative-box", page, ui_calls, smart_proxy, browser_artifacts)
+    task = smart_project["tasks"][2]
+    _open_smart_task(page, label_studio, smart_project, task)
+    time.sleep(2)
+    page.click(HIDE_ALL_REGIONS)
+
+    def draw(box) -> None:
+        start, end = _image_point(page, box[0] - 4, box[1] - 4), _image_point(page, box[2] + 4, box[3] + 4)
+        page.mouse.move(*start)
+        page.mouse.down()
+        page.mouse.move((start[0] + end[0]) / 2, (start[1] + end[1]) / 2, steps=5)
+        page.mouse.move(*end, steps=5)
+        page.mouse.up()
+
+    _pick_label(page, "rect", "disc")
+    _pick_smart_tool(page, "rectangle-tool")
+    before = len(smart_proxy.calls())
+    draw(SCENE_DISCS[0])
+    (first,) = wait_until(lambda: _interactive_calls(smart_proxy, before, "rectanglelabels"), timeout=60)[:1]
+    assert _covers(first.answer["results"][0]["result"], SCENE_LOOKALIKE) > 0.8
+    page.get_by_text(SUGGESTIONS).first.wait_for()
+    steps.done("positive-box")
+
+    _pick_label(page, "rect", "not this")
+    before = len(smart_proxy.calls())
+    draw(SCENE_LOOKALIKE)
+    (second,) = wait_until(lambda: _interactive_calls(smart_proxy, before, "rectanglelabels"), timeout=60)[:1]
+    items = second.body["params"]["context"]["result"]
+    assert [i["value"]["rectanglelabels"] for i in items] == [["not this"]], items
+    assert second.answer["results"][0]["result"] == []
+    wait_until(lambda: suggestion_count(page) == 0, timeout=10)
+    assert suggestion_count(page) == 0
+    steps.done("negative-box")
