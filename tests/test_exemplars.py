@@ -212,6 +212,18 @@ def test_a_negative_click_or_negative_box_removes_the_lookalike(tmp_path):
         assert all(_hit(after, d) > 0.9 for d in DISKS)
 
 
+def test_negatives_alone_predict_nothing(tmp_path):
+    """What a negative-label box drawn in Label Studio's UI gets: it arrives without the positives
+    (docs/INTERACTIVE.md), and with nothing to find the answer is empty, not every label."""
+    pipeline = _pipeline(tmp_path)
+    for negative in (point_item(*_centre(LOOKALIKE), positive=False), box_item(LOOKALIKE, label="Not this")):
+        assert _predict(pipeline, {"result": [negative]}) == []
+    # A positive with it still finds the disks: the empty answer comes from the missing positive.
+    found = _union(_predict(pipeline, {"result": [box_item(DISKS[0]), box_item(LOOKALIKE, label="Not this")]}),
+                   "brushlabels")
+    assert all(_hit(found, d) > 0.9 for d in DISKS)
+
+
 def test_several_positive_clicks_are_combined(tmp_path):
     pipeline = _pipeline(tmp_path)
     clicks = [point_item(*_centre(DISKS[0])), point_item(*_centre(SQUARES[0]))]
