@@ -507,8 +507,8 @@ class BackgroundFinisher:
                 if self._stopped():
                     return          # still pending: listed again after the next start
                 if self._superseded(refresh):
-                    logger.info("refresh of project %s to learned version %s cancelled by a newer version while "
-                                "listing its tasks", project, refresh.learned or "none")
+                    logger.info("refresh of project %s to learned version %s: listing stopped, a newer version "
+                                "replaced it", project, refresh.learned or "none")
                     return
                 tasks, after = self.client.tasks_after(project, after, only_unlabeled=True,   # type: ignore[union-attr]
                                                        fields="all")
@@ -533,8 +533,8 @@ class BackgroundFinisher:
         taken = self.outbox.queue_refresh(refresh, chosen, version, self.max_queue, config)   # type: ignore[union-attr]
         if taken is None:
             self.holder.release(granted, version)
-            logger.info("refresh of project %s to learned version %s cancelled by a newer version", project,
-                        refresh.learned or "none")
+            logger.info("refresh of project %s to learned version %s: listed, but a newer version replaced it "
+                        "meanwhile; nothing queued", project, refresh.learned or "none")
             return
         queued = [(str(t["id"]), version) for t, ok in zip(chosen, taken) if ok]
         self.holder.release([str(t["id"]) for t, ok in zip(chosen, taken) if not ok], version)
