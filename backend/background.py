@@ -273,6 +273,8 @@ class BackgroundFinisher:
         gone = mine - set(keys)         # dropped by another process (a newer refresh of the project)
         if gone:
             self._forget(gone)
+        for refresh in self.outbox.refreshes(QUEUED):   # type: ignore[union-attr]
+            self._refresh_settled({refresh.job}, progress=False)   # last rows settled by a process that died then
         for task, version in keys:
             if (task, version) not in mine:
                 by_version.setdefault(version, []).append(task)
@@ -562,7 +564,10 @@ class BackgroundFinisher:
             if unreachable(exc):
                 self.breaker.failure(str(exc), self._waiting())
                 return []
-            raise
+            # Not known: predict them; storing still asks Label Studio whether the version is there.
+            logger.warning("refresh: could not ask Label Studio which of %d tasks are still unlabeled: %s",
+                           len(rows), exc)
+            return rows
         labelled = [r for r in rows if r.task not in unlabeled]
         if labelled:
             logger.info("refresh: %d tasks labelled since they were listed are not predicted again", len(labelled))
@@ -570,7 +575,7 @@ class BackgroundFinisher:
             self._settle(labelled, stored=False)
         return [r for r in rows if r.task in unlabeled]
 
-    def _refresh_settled(self, jobs: set[str]) -> None:
+    def _refresh_settled(self, jobs: set[str], progress: bool = True) -> None:
         """Progress lines of refreshes whose rows were settled; the done line (once, by whoever settles last)."""
         for job in jobs:
             done = self.outbox.finish_refresh(job)   # type: ignore[union-attr]
@@ -582,7 +587,7 @@ class BackgroundFinisher:
                             time.time() - done.requested)
                 continue
             now = time.monotonic()
-            if now - self._refresh_logged.get(job, 0.0) < REFRESH_LOG_EVERY_S:
+            if not progress or now - self._refresh_logged.get(job, 0.0) < REFRESH_LOG_EVERY_S:
                 continue
             self._refresh_logged[job] = now
             refresh = self.outbox.refresh(int(job.split("|")[1]))   # type: ignore[union-attr]

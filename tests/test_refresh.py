@@ -190,3 +190,23 @@ def test_the_learner_announces_publications_to_the_finisher(tmp_path, fake_ls):
     _wait(lambda: _idle(gem))
     assert len(_new(fake_ls, f"{VERSION}+{L1}")) == 1
     gem.finisher.close()
+
+
+def test_a_newer_version_published_by_another_worker_cancels_this_ones_rows(tmp_path, fake_ls, monkeypatch):
+    import backend.background as background
+    monkeypatch.setattr(background, "ADOPT_EVERY_S", 0.2)    # how soon a worker notices rows dropped elsewhere
+    ids = _project(fake_ls, [i / 40 for i in range(20)])
+    learned = {"v": ""}
+    app_a, gem_a, _ = _app(tmp_path, fake_ls, SlowPredictor(0.05), learned=learned, refresh_max_tasks=100)
+    app_b, gem_b, _ = _app(tmp_path, fake_ls, FakePredictor(), learned=learned, refresh_max_tasks=100)
+    first, second = f"{VERSION}+{L1}", f"{VERSION}+{L2}"
+    assert _publish(gem_a, learned, L1)
+    _wait(lambda: _new(fake_ls, first))                 # worker A is refreshing
+    assert _publish(gem_b, learned, L2)                 # worker B learned more
+    at_cancel = len(_new(fake_ls, first))
+    _wait(lambda: _idle(gem_a) and not gem_a.finisher.queued() and not gem_b.finisher.queued(), timeout=60)
+    assert len(_new(fake_ls, first)) <= at_cancel + 1 < len(ids)
+    for tid in ids:
+        assert len([p for p in fake_ls.predictions_of(tid) if p["model_version"] == second]) == 1, tid
+    gem_a.finisher.close()
+    gem_b.finisher.close()

@@ -12,7 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 from e2e_support import check, encode_png, metric_value, wait_until
-from test_e2e_learning import CONFIG, SIZE, brush_items, state_key_of
+from test_e2e_learning import CONFIG, SIZE, brush_items, refresh_settled, state_key_of
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -59,8 +59,8 @@ def test_learning_refreshes_the_unlabeled_tasks_by_itself(ls, label_studio, star
     elapsed = time.monotonic() - started
     assert new_version, backend.process.log_tail(120)
     outbox = Outbox(str(backend.model_dir / "outbox.sqlite"))
-    assert wait_until(lambda: not any(outbox.refresh_sizes().values()) and not outbox.refreshes(), timeout=120), \
-        (outbox.refresh_sizes(), outbox.refreshes(), backend.process.log_tail(80))
+    assert wait_until(lambda: refresh_settled(backend, project) and not any(outbox.refresh_sizes().values()),
+                      timeout=120), (outbox.refresh_sizes(), outbox.refreshes(), backend.process.log_tail(80))
     assert new_version == f"{base_version}+{store.version(key)}"   # still the newest
 
     for task_id in unlabeled:
