@@ -15,7 +15,7 @@ from backend.outbox import Outbox, refresh_job
 from backend.pipeline import ProjectLearned
 from backend.server import create_app
 from backend.settings import Settings
-from backend_fixtures import FakePredictor, SlowPredictor, data_uri, fake_extract_regions, square_image
+from backend_fixtures import BRUSH_CONFIG, FakePredictor, SlowPredictor, data_uri, fake_extract_regions, square_image
 from fake_label_studio import TOKEN
 from test_background import VERSION, _wait
 
@@ -210,3 +210,22 @@ def test_a_newer_version_published_by_another_worker_cancels_this_ones_rows(tmp_
         assert len([p for p in fake_ls.predictions_of(tid) if p["model_version"] == second]) == 1, tid
     gem_a.finisher.close()
     gem_b.finisher.close()
+
+
+def test_an_interactive_call_goes_before_the_refresh(tmp_path, fake_ls):
+    ids = _project(fake_ls, [i / 20 for i in range(12)])
+    predictor = SlowPredictor(0.1)
+    app, gem, learned = _app(tmp_path, fake_ls, predictor, refresh_max_tasks=100)
+    version = f"{VERSION}+{L1}"
+    assert _publish(gem, learned, L1)
+    _wait(lambda: predictor.encode_calls)                   # the refresh is computing
+    reply = app.test_client().post("/predict", json={
+        "tasks": [{"id": 10**6, "data": {"image": data_uri(square_image())}}], "project": PROJECT,
+        "label_config": BRUSH_CONFIG, "params": {"context": {"result": [
+            {"type": "textarea", "value": {"text": ["left"]}}]}}})
+    assert reply.status_code == 200 and "result" in reply.get_json()["results"][0]
+    # Answered while the refresh still had most of its tasks to do: the model gate let it in first.
+    assert len(_new(fake_ls, version)) < len(ids) // 2, len(_new(fake_ls, version))
+    _wait(lambda: _idle(gem), timeout=60)
+    assert len(_new(fake_ls, version)) == len(ids)
+    gem.finisher.close()
