@@ -16,12 +16,20 @@ Exactly one prediction per task:
 * nothing is persisted that would block a retry: claims are released when done, on shutdown, and
   expire or die with their process. A later Retrieve Predictions sends only tasks still lacking
   a prediction of the current version.
+
+The finisher also refreshes a project after learning (docs/LEARNING.md, "Refresh after learning"):
+`request_refresh` (called by the learner when a publication changed the project's learned version)
+writes a refresh into the outbox, replacing and dropping an older one of the project; the worker
+lists the project's unlabeled tasks (`_refresh_next`, backend/refresh.py picks and orders them) and
+queues them as rows of the refresh's job, which then go the way of every row: claims, the breaker,
+"does Label Studio hold this version already" before storing, after the rows a user asked for.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -31,9 +39,11 @@ from .claims import ClaimHolder, ClaimStore, Heartbeat
 from .label_config import LabelConfigError
 from .ls_client import LabelStudioClient, LabelStudioError, task_prediction_versions
 from .model import ModelNotReady
-from .outbox import COMPUTED, QUEUED, Breaker, Outbox, Row, backoff, unreachable
+from .outbox import (COMPUTED, PENDING, QUEUED, REFRESH_PREFIX, Breaker, Outbox, Refresh, Row, backoff,
+                     unreachable)
 from .pipeline import DEFERRED, PredictionJob, PredictionPipeline, PredictReport, TaskOutcome, task_id
 from .prompts import project_key
+from .refresh import RefreshPicker
 
 logger = logging.getLogger("backend.background")
 
@@ -46,6 +56,8 @@ LATER_REASONS = frozenset({DEFERRED, "background", "stored", "busy"})
 TRANSIENT_FETCH = frozenset({"connection", "timeout", "http_5xx"})
 STORE_ATTEMPTS = 5              # a prediction Label Studio keeps refusing (not unreachable) is given up after this
 ADOPT_EVERY_S = 30.0            # how often rows of dead processes are looked for
+REFRESH_LOG_EVERY_S = 10.0      # a refresh's progress line at most this often
+LEARNED_SUFFIX = re.compile(r"\+l[0-9a-f]{10}$")
 
 
 def job_key(project: int, version: str, label_config: str) -> str:
@@ -70,7 +82,8 @@ class BackgroundFinisher:
     def __init__(self, pipeline: Callable[[], PredictionPipeline], client: LabelStudioClient | None,
                  claims: ClaimStore, max_queue: int, metrics: Any = None, unavailable: str = "",
                  batch_tasks: int = 16, outbox: Outbox | None = None,
-                 prepare: Callable[[str, Any], PredictionJob] | None = None, retry_max_s: float = 30.0):
+                 prepare: Callable[[str, Any], PredictionJob] | None = None, retry_max_s: float = 30.0,
+                 refresh_max_tasks: int = 0):
         self._pipeline = pipeline
         self.client = client
         self.claims = claims
@@ -94,6 +107,9 @@ class BackgroundFinisher:
         self.breaker = Breaker("Label Studio", base_s=min(1.0, retry_max_s), max_s=retry_max_s,
                                on_change=self._reachable_changed)
         self.counts = {"done": 0, "failed": 0, "skipped": 0, "dropped": 0}
+        self.refresh_max_tasks = refresh_max_tasks    # GEM_REFRESH_MAX_TASKS; 0 = no refresh after learning
+        self.refresh_counts = {"queued": 0, "done": 0, "skipped": 0, "failed": 0, "labelled": 0, "cancelled": 0}
+        self._refresh_logged: dict[str, float] = {}
         self._mine: set[tuple[str, str]] = set()      # outbox rows (task, version) this process works on
         self._queued_ids = self._mine
         self._jobs: dict[str, PredictionJob] = {}
@@ -105,6 +121,7 @@ class BackgroundFinisher:
         if metrics is not None and self.available:
             metrics.label_studio_reachable.set(1)
             metrics.before_render.append(self._set_gauge)
+            metrics.before_render.append(self._set_refresh_gauge)
 
     @property
     def available(self) -> bool:
@@ -135,9 +152,10 @@ class BackgroundFinisher:
         if not self.available or self.outbox is None:
             return
         sizes = self.outbox.sizes()
-        if sum(sizes.values()):
-            logger.info("background: the outbox holds %d tasks to predict and %d predictions to store from "
-                        "before; resuming", sizes[QUEUED], sizes[COMPUTED])
+        refreshes = self.outbox.refreshes(PENDING)
+        if sum(sizes.values()) or refreshes:
+            logger.info("background: the outbox holds %d tasks to predict, %d predictions to store and %d refreshes "
+                        "to list from before; resuming", sizes[QUEUED], sizes[COMPUTED], len(refreshes))
             self._start()
 
     def submit(self, tasks: Sequence[Mapping[str, Any]], job: PredictionJob, project: int,
@@ -209,6 +227,8 @@ class BackgroundFinisher:
                 worked = self._store_due()
                 if self.breaker.reachable and not self._stopped():
                     worked = self._compute_next() or worked
+                if not worked and self.breaker.reachable and not self._stopped():
+                    worked = self._refresh_next()
                 if not worked:
                     self._idle()
             except ModelNotReady:
@@ -248,8 +268,14 @@ class BackgroundFinisher:
         self._adopted = now
         by_version: dict[str, list[str]] = {}
         with self._cond:
-            mine = set(self._mine)
-        for task, version in self.outbox.keys():   # type: ignore[union-attr]
+            mine = set(self._mine)      # read before the keys: a row is in the outbox before it is ours
+        keys = self.outbox.keys()       # type: ignore[union-attr]
+        gone = mine - set(keys)         # dropped by another process (a newer refresh of the project)
+        if gone:
+            self._forget(gone)
+        for refresh in self.outbox.refreshes(QUEUED):   # type: ignore[union-attr]
+            self._refresh_settled({refresh.job}, progress=False)   # last rows settled by a process that died then
+        for task, version in keys:
             if (task, version) not in mine:
                 by_version.setdefault(version, []).append(task)
         adopted = 0
@@ -261,6 +287,17 @@ class BackgroundFinisher:
         if adopted:
             logger.info("background: took over %d tasks of the outbox that no live process was working on", adopted)
             self._set_gauge()
+
+    def _forget(self, keys: set[tuple[str, str]]) -> None:
+        """Rows no longer in the outbox: not ours any more, their claims released."""
+        by_version: dict[str, list[str]] = {}
+        for task, version in keys:
+            by_version.setdefault(version, []).append(task)
+        for version, tasks in by_version.items():
+            self.holder.release(tasks, version)
+        with self._cond:
+            self._mine.difference_update(keys)
+        self._set_gauge()
 
     def _settle(self, rows: Sequence[Row], stored: bool) -> None:
         keys = [(r.task, r.model_version) for r in rows]
@@ -276,6 +313,7 @@ class BackgroundFinisher:
         with self._cond:
             self._mine.difference_update(keys)
         self._set_gauge()
+        self._refresh_settled({r.job for r in rows if r.job.startswith(REFRESH_PREFIX)})
 
     def _store_due(self) -> bool:
         """Store the computed predictions whose time has come; False when there were none."""
@@ -286,13 +324,16 @@ class BackgroundFinisher:
             if self._stopped():
                 break
             tid = int(row.task)
+            if row.job.startswith(REFRESH_PREFIX) and not self.outbox.contains(row.task, row.model_version):  # type: ignore
+                self._forget({(row.task, row.model_version)})   # cancelled by a newer version since it was read
+                continue
             try:
                 if self.client.has_prediction(tid, row.prediction_version):   # type: ignore[union-attr]
-                    self._count("skipped")
+                    self._count("skipped", rows=[row])
                 else:
                     self.client.create_prediction(tid, row.result or [], row.score,  # type: ignore[union-attr]
                                                   row.prediction_version)
-                    self._count("done")
+                    self._count("done", rows=[row])
             except LabelStudioError as exc:
                 if unreachable(exc):
                     self.outbox.retry(row.task, row.model_version, str(exc), 0.0, count=False)  # type: ignore
@@ -303,7 +344,7 @@ class BackgroundFinisher:
                 if attempts >= STORE_ATTEMPTS or exc.status == 404:
                     logger.warning("background: task %s: Label Studio refused the prediction %d times, giving up: %s",
                                    tid, attempts, exc)
-                    self._count("failed")
+                    self._count("failed", rows=[row])
                     self._settle([row], stored=False)
                 else:
                     logger.warning("background: task %s: storing failed (attempt %d of %d, retrying): %s",
@@ -341,6 +382,10 @@ class BackgroundFinisher:
         pipeline = self._pipeline()
         if pipeline is None:
             raise ModelNotReady("the model is loading", failed=False)   # _run waits
+        if rows[0].job.startswith(REFRESH_PREFIX):
+            rows = self._still_unlabeled(rows)
+            if not rows:
+                return True
         try:
             job = self._job_for(rows[0].job)
         except LabelStudioError as exc:
@@ -350,7 +395,7 @@ class BackgroundFinisher:
             raise
         except (LabelConfigError, ValueError) as exc:
             logger.warning("background: %d tasks cannot be predicted any more: %s", len(rows), exc)
-            self._count("failed", len(rows))
+            self._count("failed", len(rows), rows=rows)
             self._settle(rows, stored=False)
             return True
         with self.holder.heartbeat():
@@ -374,9 +419,181 @@ class BackgroundFinisher:
         for row, outcome in failed:
             logger.warning("background: task %s failed: %s", row.task, outcome.message)
         if failed:
-            self._count("failed", len(failed))
+            self._count("failed", len(failed), rows=[r for r, _ in failed])
             self._settle([r for r, _ in failed], stored=False)
         return True
+
+    # -- refresh after learning --------------------------------------------------------------------
+
+    def request_refresh(self, project: str, learned: str) -> bool:
+        """The learner published a new learned version of `project` (as /predict names it, "<id>.<created>"):
+        refresh the project's unlabeled tasks in the background. An older refresh of the project is
+        cancelled (its rows dropped, computed or not). False when off, unavailable or already asked for."""
+        project_id = label_studio_project_id(project)
+        if project_id is None or self.outbox is None or not self.available:
+            if project_id is not None:
+                logger.info("project %s: no refresh after learning: %s", project_id, self.unavailable)
+            return False
+        if self.refresh_max_tasks <= 0:
+            logger.info("project %s: learned version %s; no refresh after learning (GEM_REFRESH_MAX_TASKS=0): "
+                        "Retrieve Predictions recomputes the stale predictions", project_id, learned or "none")
+            return False
+        answer = self.outbox.request_refresh(project_id, str(project), learned)
+        if answer is None:
+            return False
+        old, dropped = answer
+        if dropped:
+            self._forget(set(dropped))
+            self._count_refresh("cancelled", len(dropped))
+        if old is not None:
+            self._note_refresh("cancelled")
+            logger.info("refresh of project %s to learned version %s cancelled by the newer version %s: %d of its tasks "
+                        "not predicted", project_id, old.learned or "none", learned or "none", len(dropped))
+        self._note_refresh("requested")
+        logger.info("refresh of project %s to learned version %s asked for: its unlabeled tasks are predicted again "
+                    "in the background, lowest score first, at most %d", project_id, learned or "none",
+                    self.refresh_max_tasks)
+        self._start()
+        with self._cond:
+            self._cond.notify_all()
+        return True
+
+    def _note_refresh(self, event: str) -> None:
+        if self.metrics is not None:
+            self.metrics.refreshes.inc(event=event)
+
+    def _refresh_next(self) -> bool:
+        """List the next refresh waiting to be listed (one no other process is listing); False when none."""
+        if self.outbox is None or self.client is None:
+            return False
+        for refresh in self.outbox.refreshes(PENDING):
+            if self.refresh_max_tasks <= 0:
+                logger.info("refresh of project %s dropped: GEM_REFRESH_MAX_TASKS=0", refresh.project)
+                self.outbox.drop_refresh(refresh)
+                continue
+            token = f"{REFRESH_PREFIX}{refresh.project}"
+            if not self.holder.claim([token], refresh.learned, project=str(refresh.project)):
+                continue            # another process lists it
+            try:
+                self._list_refresh(refresh)
+            finally:
+                self.holder.release([token], refresh.learned)
+            return True
+        return False
+
+    def _superseded(self, refresh: Refresh) -> bool:
+        now = self.outbox.refresh(refresh.project)   # type: ignore[union-attr]
+        return now is None or now.job != refresh.job
+
+    def _list_refresh(self, refresh: Refresh) -> None:
+        project = refresh.project
+        started = time.monotonic()
+        try:
+            config = (self.client.get_project(project) or {}).get("label_config") or ""   # type: ignore[union-attr]
+            if self._prepare is None:
+                raise LabelConfigError("this finisher cannot prepare jobs")
+            job = self._prepare(config, refresh.project_key)
+            version = job.model_version
+            suffix = LEARNED_SUFFIX.search(version)
+            if (suffix.group(0)[1:] if suffix else "") != refresh.learned:
+                # Published again since (its refresh replaces this one), or this process predicts without
+                # the learned state: nothing to refresh to.
+                logger.info("refresh of project %s to learned version %s dropped: the project's predictions are "
+                            "of version %s now", project, refresh.learned or "none", version)
+                self.outbox.drop_refresh(refresh)   # type: ignore[union-attr]
+                return
+            self._jobs[refresh.job] = job
+            picker = RefreshPicker(self.refresh_max_tasks, version)
+            after: int | None = 0
+            while after is not None:
+                if self._stopped():
+                    return          # still pending: listed again after the next start
+                if self._superseded(refresh):
+                    logger.info("refresh of project %s to learned version %s: listing stopped, a newer version "
+                                "replaced it", project, refresh.learned or "none")
+                    return
+                tasks, after = self.client.tasks_after(project, after, only_unlabeled=True,   # type: ignore[union-attr]
+                                                       fields="all")
+                picker.offer_all(tasks, self.queued_among([t.get("id") for t in tasks], version))
+        except ModelNotReady:
+            raise
+        except LabelStudioError as exc:
+            if unreachable(exc):
+                self.breaker.failure(str(exc), self._waiting())   # stays pending: listed when Label Studio is back
+                return
+            logger.warning("refresh of project %s to learned version %s dropped: %s", project,
+                           refresh.learned or "none", exc)
+            self.outbox.drop_refresh(refresh)   # type: ignore[union-attr]
+            return
+        except (LabelConfigError, ValueError) as exc:
+            logger.warning("refresh of project %s dropped: %s", project, exc)
+            self.outbox.drop_refresh(refresh)   # type: ignore[union-attr]
+            return
+        picked = picker.picked()
+        granted = self.holder.claim([str(t["id"]) for t in picked], version, project=str(project))
+        chosen = [t for t in picked if str(t["id"]) in granted]
+        taken = self.outbox.queue_refresh(refresh, chosen, version, self.max_queue, config)   # type: ignore[union-attr]
+        if taken is None:
+            self.holder.release(granted, version)
+            logger.info("refresh of project %s to learned version %s: listed, but a newer version replaced it "
+                        "meanwhile; nothing queued", project, refresh.learned or "none")
+            return
+        queued = [(str(t["id"]), version) for t, ok in zip(chosen, taken) if ok]
+        self.holder.release([str(t["id"]) for t, ok in zip(chosen, taken) if not ok], version)
+        with self._cond:
+            self._mine.update(queued)
+            self._cond.notify_all()
+        self._count_refresh("queued", len(queued))
+        self._note_refresh("started")
+        self._set_gauge()
+        logger.info("refresh of project %s to version %s: %d unlabeled tasks to predict, lowest score first "
+                    "(%d listed in %.1f s: %d without a scored prediction, %d already of this version, %d left out by "
+                    "GEM_REFRESH_MAX_TASKS=%d, %d busy elsewhere, %d not taken: background queue full)",
+                    project, version, len(queued), picker.listed, time.monotonic() - started, picker.unscored,
+                    picker.current, picker.left_out, self.refresh_max_tasks, len(picked) - len(chosen),
+                    len(chosen) - len(queued))
+        self._refresh_settled({refresh.job})
+
+    def _still_unlabeled(self, rows: list[Row]) -> list[Row]:
+        """The refresh rows whose task is still unlabeled (asked in one call); the others are settled."""
+        ids = [int(r.task) for r in rows]
+        try:
+            unlabeled = {str(t.get("id")) for t in self.client.iter_tasks_by_id(   # type: ignore[union-attr]
+                rows[0].project, task_ids=ids, only_unlabeled=True, fields="task_only")}
+        except LabelStudioError as exc:
+            if unreachable(exc):
+                self.breaker.failure(str(exc), self._waiting())
+                return []
+            # Not known: predict them; storing still asks Label Studio whether the version is there.
+            logger.warning("refresh: could not ask Label Studio which of %d tasks are still unlabeled: %s",
+                           len(rows), exc)
+            return rows
+        labelled = [r for r in rows if r.task not in unlabeled]
+        if labelled:
+            logger.info("refresh: %d tasks labelled since they were listed are not predicted again", len(labelled))
+            self._count_refresh("labelled", len(labelled))
+            self._settle(labelled, stored=False)
+        return [r for r in rows if r.task in unlabeled]
+
+    def _refresh_settled(self, jobs: set[str], progress: bool = True) -> None:
+        """Progress lines of refreshes whose rows were settled; the done line (once, by whoever settles last)."""
+        for job in jobs:
+            done = self.outbox.finish_refresh(job)   # type: ignore[union-attr]
+            if done is not None:
+                self._refresh_logged.pop(job, None)
+                self._note_refresh("done")
+                logger.info("refresh of project %s to learned version %s done: %d tasks in %.0f s since it was "
+                            "asked for", done.project, done.learned or "none", done.total,
+                            time.time() - done.requested)
+                continue
+            now = time.monotonic()
+            if not progress or now - self._refresh_logged.get(job, 0.0) < REFRESH_LOG_EVERY_S:
+                continue
+            self._refresh_logged[job] = now
+            refresh = self.outbox.refresh(int(job.split("|")[1]))   # type: ignore[union-attr]
+            if refresh is not None and refresh.job == job and refresh.state == QUEUED:
+                logger.info("refresh of project %s to learned version %s: %d of %d tasks left", refresh.project,
+                            refresh.learned or "none", self.outbox.rows_of(job), refresh.total)   # type: ignore
 
     def _log_progress(self) -> None:
         logger.info("background: %d done, %d failed, %d skipped so far; %d waiting",
@@ -389,10 +606,22 @@ class BackgroundFinisher:
             with self._cond:
                 self._cond.notify_all()
 
-    def _count(self, outcome: str, n: int = 1) -> None:
+    def _count(self, outcome: str, n: int = 1, rows: Sequence[Row] = ()) -> None:
         self.counts[outcome] += n
         if self.metrics is not None and n:
             self.metrics.background_tasks.inc(n, outcome=outcome)
+        self._count_refresh(outcome, sum(1 for r in rows if r.job.startswith(REFRESH_PREFIX)))
+
+    def _count_refresh(self, outcome: str, n: int) -> None:
+        if n:
+            self.refresh_counts[outcome] += n
+            if self.metrics is not None:
+                self.metrics.refresh_tasks.inc(n, outcome=outcome)
+
+    def _set_refresh_gauge(self) -> None:
+        if self.metrics is not None and self.outbox is not None:
+            for state, n in self.outbox.refresh_sizes().items():
+                self.metrics.refresh_outbox.set(n, state=state)
 
     def _set_gauge(self) -> None:
         if self.metrics is not None:

@@ -608,6 +608,9 @@ class Learner:
         self._waiting_rebuilds: set[str] = set()   # projects with a rebuild in the queue, not started
         self.instance = instance_of(settings.label_studio_url)
         self.rebuilds = 0                      # rebuilds run (merged requests do not count)
+        # Called with (project as /predict names it, new learned version) after a publication changed
+        # a project's learned state (the server refreshes the project's tasks: backend/background.py).
+        self.on_publish: list[Callable[[str, str], Any]] = []
 
     # -- intake ------------------------------------------------------------------------------
 
@@ -855,7 +858,17 @@ class Learner:
         if self.store.publish(key, version, calibration):
             logger.info("project %s: learned state %s published from %d annotated images (was %s)",
                         key, version or "none", len(working), current or "none")
+            self._announce(key, version)
         return version
+
+    def _announce(self, key: str, version: str) -> None:
+        project = key.rpartition("#")[2]     # "<id>.<created>": how /predict names the project
+        for callback in self.on_publish:
+            try:
+                callback(project, version)
+            except Exception as exc:   # what follows a publication must not undo or fail it
+                logger.warning("project %s: after publishing %s: %s: %s", key, version or "none",
+                               type(exc).__name__, exc)
 
     def _calibrate(self, key: str, plan: Any) -> dict | None:
         from gem_model.learning import CalibrationSample, calibrate

@@ -194,6 +194,17 @@ class BackendMetrics:
         self.deferred = r.register(Counter(
             "gem_deferred_tasks_total", "tasks /predict had no time for, by what became of them "
             "(queued, queue_full, unavailable)", ("handling",)))
+        self.refresh_tasks = r.register(Counter(
+            "gem_refresh_tasks_total", "tasks of refreshes after learning (this process), by outcome: queued "
+            "(listed for the new version), done (stored), skipped (already stored), labelled (labelled meanwhile, "
+            "not predicted), failed, cancelled (dropped for a newer version)", ("outcome",)))
+        self.refresh_outbox = r.register(Gauge(
+            "gem_refresh_tasks", "refreshes after learning in MODEL_DIR's outbox (all processes): queued = tasks to "
+            "predict, computed = predictions to store, pending = refreshes whose tasks are not listed yet",
+            ("state",)))
+        self.refreshes = r.register(Counter(
+            "gem_refreshes_total", "refreshes after learning (this process), by event: requested, started (tasks "
+            "listed and queued), done (last task settled), cancelled (by a newer version)", ("event",)))
         self.process = r.register(Gauge("gem_process_info", "constant 1; labels identify this process", ("pid",)))
         self.process.set(1, pid=str(os.getpid()))
         self.before_render: list = []

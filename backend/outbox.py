@@ -12,6 +12,12 @@ backend is killed:
 
 Rows are keyed by (task, model version): the same task handed over twice is kept once.
 
+A *refresh* (docs/LEARNING.md, "Refresh after learning") is a row of `refreshes`, one per project:
+the project's new learned version, waiting to be listed (`pending`) or listed into rows of its job
+(`queued`, with how many). Its rows are ordinary rows whose job key starts with `refresh|`; they
+come after every other row (what a user asked for goes first). A newer refresh of the project
+replaces the row and drops the older one's rows, computed or not, in the same transaction.
+
 `Breaker` is the circuit breaker for "Label Studio is unreachable": after a failure it lets one
 probe through per back-off period (doubling up to a maximum) and says so once in the log when it
 opens and once when it closes. Both are independent of the finisher, so another writer (the
@@ -36,6 +42,24 @@ from .sqlite_db import connect, transaction
 logger = logging.getLogger("backend.outbox")
 
 QUEUED, COMPUTED = "queued", "computed"
+PENDING = "pending"              # a refresh whose tasks are not listed yet (its rows are QUEUED ones)
+REFRESH_PREFIX = "refresh|"      # job keys of refresh rows
+
+
+def refresh_job(project: int, learned: str) -> str:
+    """The job key of a project's refresh to the learned version `learned` ("" = nothing learned)."""
+    return f"{REFRESH_PREFIX}{int(project)}|{learned}"
+
+
+@dataclass
+class Refresh:
+    project: int
+    project_key: str            # the project as /predict names it ("<id>.<created>"): its learned state
+    learned: str                # the learned version suffix it refreshes to
+    job: str
+    state: str                  # PENDING or QUEUED
+    total: int                  # rows queued (QUEUED)
+    requested: float
 
 # HTTP answers that mean "Label Studio is not there right now" (a proxy in front, a restart).
 UNREACHABLE_STATUS = frozenset({502, 503, 504})
@@ -85,6 +109,10 @@ class Outbox:
                        "error TEXT NOT NULL DEFAULT '', created REAL NOT NULL, seq INTEGER NOT NULL DEFAULT 0, "
                        "PRIMARY KEY (task, model_version))")
             db.execute("CREATE INDEX IF NOT EXISTS items_state ON items (state, next_try)")
+            db.execute("CREATE INDEX IF NOT EXISTS items_job ON items (job)")
+            db.execute("CREATE TABLE IF NOT EXISTS refreshes (project INTEGER PRIMARY KEY, project_key TEXT NOT NULL, "
+                       "learned TEXT NOT NULL, job TEXT NOT NULL, state TEXT NOT NULL, total INTEGER NOT NULL "
+                       "DEFAULT 0, requested REAL NOT NULL)")
 
     def _connect(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
         return connect(self.path, synchronous_full=True)   # a row we said is kept survives a power cut too
@@ -105,27 +133,32 @@ class Outbox:
     def put_tasks(self, tasks: Sequence[Mapping[str, Any]], model_version: str, project: int, job: str,
                   limit: int) -> list[bool]:
         """Queue tasks (id + data only); per task whether it is in the outbox now (False: `limit` reached)."""
+        with self._lock, self._connect() as db, transaction(db):
+            return self._insert(db, tasks, model_version, project, job, limit)
+
+    @staticmethod
+    def _insert(db: sqlite3.Connection, tasks: Sequence[Mapping[str, Any]], model_version: str, project: int,
+                job: str, limit: int) -> list[bool]:
         now = time.time()
         taken = []
-        with self._lock, self._connect() as db, transaction(db):
-            size = db.execute("SELECT COUNT(*) FROM items").fetchone()[0]
-            seq = db.execute("SELECT COALESCE(MAX(seq), 0) FROM items").fetchone()[0]
-            for task in tasks:
-                key = str(task["id"])
-                if db.execute("SELECT 1 FROM items WHERE task=? AND model_version=?",
-                              (key, model_version)).fetchone():
-                    taken.append(True)
-                    continue
-                if size >= limit:
-                    taken.append(False)
-                    continue
-                seq += 1
-                db.execute("INSERT INTO items (task, model_version, project, job, state, task_data, created, seq) "
-                           "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                           (key, model_version, int(project), job, QUEUED,
-                            json.dumps({"id": task["id"], "data": task.get("data")}), now, seq))
-                size += 1
+        size = db.execute("SELECT COUNT(*) FROM items").fetchone()[0]
+        seq = db.execute("SELECT COALESCE(MAX(seq), 0) FROM items").fetchone()[0]
+        for task in tasks:
+            key = str(task["id"])
+            if db.execute("SELECT 1 FROM items WHERE task=? AND model_version=?",
+                          (key, model_version)).fetchone():
                 taken.append(True)
+                continue
+            if size >= limit:
+                taken.append(False)
+                continue
+            seq += 1
+            db.execute("INSERT INTO items (task, model_version, project, job, state, task_data, created, seq) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                       (key, model_version, int(project), job, QUEUED,
+                        json.dumps({"id": task["id"], "data": task.get("data")}), now, seq))
+            size += 1
+            taken.append(True)
         return taken
 
     def put_result(self, task: Any, model_version: str, result: list, score: float, prediction_version: str) -> None:
@@ -141,7 +174,8 @@ class Outbox:
         with self._lock, self._connect() as db:
             rows = db.execute("SELECT task, model_version, project, job, state, task_data, result, score, "
                               f"prediction_version, attempts, next_try, error FROM items WHERE {where} "
-                              "ORDER BY seq LIMIT ? OFFSET ?", (*args, limit, offset)).fetchall()
+                              "ORDER BY substr(job, 1, ?) = ?, seq LIMIT ? OFFSET ?",   # refresh rows last
+                              (*args, len(REFRESH_PREFIX), REFRESH_PREFIX, limit, offset)).fetchall()
         return [Row(r[0], r[1], r[2], r[3], r[4], json.loads(r[5] or "{}"),
                     json.loads(r[6]) if r[6] is not None else None, r[7], r[8], r[9], r[10], r[11]) for r in rows]
 
@@ -161,7 +195,8 @@ class Outbox:
         return out[:limit]
 
     def queued(self, limit: int, keys: Iterable[tuple[str, str]] | None = None, now: float | None = None) -> list[Row]:
-        """Queued rows whose retry time has come, oldest first (only `keys` (task, version), if given)."""
+        """Queued rows whose retry time has come, oldest first, refresh rows after all others (only `keys`
+        (task, version), if given)."""
         return self._first(QUEUED, limit, keys, now)
 
     def due(self, limit: int, keys: Iterable[tuple[str, str]] | None = None, now: float | None = None) -> list[Row]:
@@ -219,6 +254,92 @@ class Outbox:
             row = db.execute("SELECT attempts FROM items WHERE task=? AND model_version=?",
                              (str(task), model_version)).fetchone()
         return row[0] if row else 0
+
+
+    # -- refreshes after learning -----------------------------------------------------------------
+
+    def request_refresh(self, project: int, project_key: str, learned: str) -> tuple[Refresh | None, list[tuple[str, str]]] | None:
+        """Ask for a refresh of `project` to the learned version `learned`. None when that refresh is
+        already asked for (another worker, a repeated call): nothing changes. Else (the refresh it
+        replaces or None, the (task, version) rows of older refreshes of the project it dropped)."""
+        job = refresh_job(project, learned)
+        with self._lock, self._connect() as db, transaction(db):
+            old = self._refresh(db, project)
+            if old is not None and old.job == job:
+                return None
+            dropped = db.execute("SELECT task, model_version FROM items WHERE project=? AND substr(job, 1, ?) = ? "
+                                 "AND job != ?", (int(project), len(REFRESH_PREFIX), REFRESH_PREFIX, job)).fetchall()
+            db.execute("DELETE FROM items WHERE project=? AND substr(job, 1, ?) = ? AND job != ?",
+                       (int(project), len(REFRESH_PREFIX), REFRESH_PREFIX, job))
+            db.execute("DELETE FROM jobs WHERE key NOT IN (SELECT DISTINCT job FROM items)")
+            db.execute("INSERT OR REPLACE INTO refreshes VALUES (?, ?, ?, ?, ?, 0, ?)",
+                       (int(project), project_key, learned, job, PENDING, time.time()))
+        return old, [tuple(r) for r in dropped]
+
+    @staticmethod
+    def _refresh(db: sqlite3.Connection, project: int) -> Refresh | None:
+        row = db.execute("SELECT project, project_key, learned, job, state, total, requested FROM refreshes "
+                         "WHERE project=?", (int(project),)).fetchone()
+        return Refresh(*row) if row else None
+
+    def refresh(self, project: int) -> Refresh | None:
+        with self._lock, self._connect() as db:
+            return self._refresh(db, project)
+
+    def refreshes(self, state: str | None = None) -> list[Refresh]:
+        """The refreshes asked for (of `state`), oldest request first."""
+        with self._lock, self._connect() as db:
+            rows = db.execute("SELECT project, project_key, learned, job, state, total, requested FROM refreshes "
+                              "WHERE ? IS NULL OR state=? ORDER BY requested", (state, state)).fetchall()
+        return [Refresh(*r) for r in rows]
+
+    def queue_refresh(self, refresh: Refresh, tasks: Sequence[Mapping[str, Any]], model_version: str,
+                      limit: int, label_config: str) -> list[bool] | None:
+        """Queue a pending refresh's tasks in the given order (its job with them) and mark it queued, in
+        one transaction; None (nothing queued) when a newer refresh replaced it meanwhile."""
+        with self._lock, self._connect() as db, transaction(db):
+            now = self._refresh(db, refresh.project)
+            if now is None or now.job != refresh.job or now.state != PENDING:
+                return None
+            db.execute("INSERT OR REPLACE INTO jobs VALUES (?, ?, ?, ?, ?)",
+                       (refresh.job, refresh.project, refresh.project_key, label_config, model_version))
+            taken = self._insert(db, tasks, model_version, refresh.project, refresh.job, limit)
+            db.execute("UPDATE refreshes SET state=?, total=? WHERE project=?",
+                       (QUEUED, sum(taken), refresh.project))
+        return taken
+
+    def drop_refresh(self, refresh: Refresh) -> bool:
+        """Forget this refresh (only if it is still the project's): True if it was."""
+        with self._lock, self._connect() as db:
+            return db.execute("DELETE FROM refreshes WHERE project=? AND job=?",
+                              (refresh.project, refresh.job)).rowcount > 0
+
+    def finish_refresh(self, job: str) -> Refresh | None:
+        """When the queued refresh of `job` has no rows left, forget it and return it, once (to whichever
+        process asks first); else None."""
+        with self._lock, self._connect() as db, transaction(db):
+            row = db.execute("SELECT project FROM refreshes WHERE job=? AND state=?", (job, QUEUED)).fetchone()
+            if row is None:
+                return None
+            left = db.execute("SELECT COUNT(*) FROM items WHERE job=?", (job,)).fetchone()[0]
+            if left:
+                return None
+            refresh = self._refresh(db, row[0])
+            db.execute("DELETE FROM refreshes WHERE project=?", (row[0],))
+            db.execute("DELETE FROM jobs WHERE key=?", (job,))
+        return refresh
+
+    def rows_of(self, job: str) -> int:
+        with self._lock, self._connect() as db:
+            return db.execute("SELECT COUNT(*) FROM items WHERE job=?", (job,)).fetchone()[0]
+
+    def refresh_sizes(self) -> dict[str, int]:
+        """Rows of refreshes by state (queued, computed) and refreshes waiting to be listed (pending)."""
+        with self._lock, self._connect() as db:
+            counts = dict(db.execute("SELECT state, COUNT(*) FROM items WHERE substr(job, 1, ?) = ? GROUP BY state",
+                                     (len(REFRESH_PREFIX), REFRESH_PREFIX)).fetchall())
+            pending = db.execute("SELECT COUNT(*) FROM refreshes WHERE state=?", (PENDING,)).fetchone()[0]
+        return {QUEUED: counts.get(QUEUED, 0), COMPUTED: counts.get(COMPUTED, 0), PENDING: pending}
 
 
 class Breaker:

@@ -122,7 +122,11 @@ def create_app(settings: Settings, model: GemBackendModel | None = None, load: b
                                   metrics=metrics, unavailable=why, batch_tasks=max(2 * settings.batch_size, 8),
                                   prepare=lambda config, project: model.prepare(None, label_config=config,
                                                                                 project=project),
-                                  retry_max_s=settings.ls_retry_max)
+                                  retry_max_s=settings.ls_retry_max, refresh_max_tasks=settings.refresh_max_tasks)
+    if model.learning is not None and settings.use_learned:
+        # A publication that changes a project's learned version makes its stored predictions stale:
+        # refresh the unlabeled ones in the background (docs/LEARNING.md, "Refresh after learning").
+        model.learning.learner.on_publish.append(finisher.request_refresh)
     batch = BudgetedBatch(model, finisher, claims, settings.predict_budget, metrics=metrics)
     atexit.register(finisher.close)   # gunicorn worker exit, Ctrl-C: the outbox keeps the rest for the next start
     finisher.resume()                 # what a previous process (killed, restarted) left in the outbox

@@ -367,6 +367,14 @@ class Settings:
                             "annotation events waiting to be learned per worker; when full, new ones are dropped "
                             "(logged) and START_TRAINING catches up", unit="events", parse=_int(1, 1000000),
                             group="Learning")
+    # Refresh after learning (docs/LEARNING.md, "Refresh after learning")
+    refresh_max_tasks: int = knob("GEM_REFRESH_MAX_TASKS", 1000,
+                                  "when learning changes a project's model version, the backend predicts again "
+                                  "up to this many of its unlabeled tasks in the background, lowest current "
+                                  "score first (needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY); a newer "
+                                  "version cancels the refresh of the older one; 0 = no refresh (Retrieve "
+                                  "Predictions recomputes stale predictions)",
+                                  unit="tasks", parse=_int(0, 10_000_000), group="Learning")
     feedback_max_mb: float = knob("GEM_FEEDBACK_MAX_MB", 20.0,
                                   "size at which MODEL_DIR/feedback.jsonl is rotated; 0 = no feedback log",
                                   unit="MiB", parse=_float(minimum=0.0), group="Learning")

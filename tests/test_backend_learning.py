@@ -112,7 +112,10 @@ def backend(tmp_path, ls, tiny_model_files, project_images):
                                 2: [(100, project_images[8])]})
     env = {"MODEL_DIR": str(tmp_path / "model_data"), "GEM_MODEL": name, "GEM_PRETRAINED": str(checkpoint),
            "GEM_MODEL_CONFIG": str(config_path), "GEM_DEVICE": "cpu", "GEM_IMAGE_SIZE": "96",
-           "LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": TOKEN, "GEM_OUTPUTS": "brush"}
+           "LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": TOKEN, "GEM_OUTPUTS": "brush",
+           # These tests ask for the predictions themselves; the refresh after learning (tests/test_refresh.py)
+           # would take the same tasks in the background (one prediction per task) and answer them "busy".
+           "GEM_REFRESH_MAX_TASKS": "0"}
     settings = Settings.from_env(env)
     model = GemBackendModel(settings)
     model.load()

@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 from backend.decode import label_masks, result_regions  # noqa: E402
 from backend.learning import LearningStore, created_stamp, instance_of, state_key  # noqa: E402
+from backend.outbox import Outbox  # noqa: E402
 from bench.bench_learning import LABELS, make_project  # noqa: E402
 
 CONFIG = ('<View><Image name="image" value="$image"/><BrushLabels name="brush" toName="image">'
@@ -55,6 +56,11 @@ def latest_predictions(ls, task_ids):
         assert predictions, f"task {task_id} has no prediction"
         out.append(max(predictions, key=lambda p: p["id"]))
     return out
+
+
+def refresh_settled(backend, project):
+    """No refresh after learning (docs/LEARNING.md) of the project waits or runs in the backend."""
+    return Outbox(str(backend.model_dir / "outbox.sqlite")).refresh(project) is None
 
 
 def state_key_of(ls, label_studio, project):
@@ -95,7 +101,11 @@ def test_annotations_through_label_studio_improve_the_next_predictions(ls, backe
     assert wait_until(lambda: "rebuild done: " in backend.process.log_tail(400) and
                       len(store.published_digests(key)) == TRAIN, timeout=180), backend.process.log_tail()
 
-    ls.retrieve_predictions(project)   # the held-out predictions are stale now: recomputed
+    # The held-out predictions are stale now. The backend refreshes them by itself (a Retrieve
+    # Predictions meanwhile would be answered "in the background" for them); once it is done,
+    # Retrieve Predictions recomputes whatever is still stale.
+    assert wait_until(lambda: refresh_settled(backend, project), timeout=180), backend.process.log_tail()
+    ls.retrieve_predictions(project)
     after = latest_predictions(ls, heldout)
     new_version = after[0]["model_version"]
     assert new_version == f"{base_version}+{store.version(key)}", (base_version, new_version)
@@ -163,7 +173,9 @@ def test_forged_webhooks_keep_the_version_and_a_new_label_gives_one(ls, label_st
         backend.process.log_tail()
     assert _ml_version(ls, ml_id) == learned and store.version(key) == learned.rsplit("+", 1)[1]
 
-    # A label added to the config: a new version, and the next Retrieve recomputes every task with it.
+    # A label added to the config: a new version, and the next Retrieve recomputes every task with it
+    # (after the refresh that followed the annotation, which stores predictions of the learned version).
+    assert wait_until(lambda: refresh_settled(backend, project), timeout=180), backend.process.log_tail()
     added = config.replace("</BrushLabels>", f'<Label value="{LABELS[2]}"/></BrushLabels>')
     check(ls.request("PATCH", f"/api/projects/{project}/", json={"label_config": added}), 200)
     newer = _ml_version(ls, ml_id)
