@@ -531,6 +531,28 @@ class PredictionPipeline:
         self._record(report)
         return predictions, report  # type: ignore[return-value]
 
+    def embed_task(self, task: Mapping[str, Any], job: PredictionJob) -> np.ndarray:
+        """One unit vector [D] for the task: the mean GEM patch embedding of each of its images (what
+        the encoder's feature cache holds), averaged over the images. For `python -m backend.select`'s
+        diversity. Bulk work: waits for interactive calls. Raises TaskError (with a reason) for an
+        image that cannot be fetched or encoded."""
+        report = PredictReport()
+        images = self._fetch_task(task, job, report)
+        vectors = []
+        for name, image in images.items():
+            self.gate.pause_for_interactive()
+            encoded, error = self._encode([image.image], report)[0]
+            if error is not None:
+                raise TaskError(f"image '{name}': {error}", reason=error.reason)
+            with self.gate.model(False):
+                features = np.asarray(self.predictor.patch_embeddings(encoded), dtype=np.float32)   # [h, w, D]
+            mean = features.reshape(-1, features.shape[-1]).mean(axis=0)
+            vectors.append(mean / max(float(np.linalg.norm(mean)), 1e-12))
+        if not vectors:
+            raise TaskError("the task has no image to embed", reason="no_image")
+        out = np.mean(vectors, axis=0)
+        return (out / max(float(np.linalg.norm(out)), 1e-12)).astype(np.float32)
+
     # -- stages ---------------------------------------------------------------------------------
 
     def _fetch_task(self, task: Mapping[str, Any], job: PredictionJob,
