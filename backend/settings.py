@@ -384,11 +384,13 @@ class Settings:
                                  unit="files", parse=_int(0, 100), group="Learning")
 
     # Active learning: the task score and `python -m backend.select` (docs/LEARNING.md)
-    task_score: tuple[str, ...] = knob("GEM_TASK_SCORE", ("regions", "margin"),
+    task_score: tuple[str, ...] = knob("GEM_TASK_SCORE", ("regions",),
                                        "what the task score (0..1, low = look here first) averages: `regions` "
                                        "(area-weighted mean region confidence), `margin` (mean best-minus-second "
                                        "class probability over all pixels), `agreement` (text map vs learned "
-                                       "prototypes); comma list", parse=_score_parts, group="Active learning")
+                                       "prototypes); comma list. Only `regions` earned its place on the benchmark "
+                                       "(docs/LEARNING.md); another choice changes the model version",
+                                       parse=_score_parts, group="Active learning")
     select_pool_factor: float = knob("GEM_SELECT_POOL_FACTOR", 4.0,
                                      "`python -m backend.select --count N` chooses N diverse tasks among the "
                                      "N x this lowest-scored ones (1 = lowest score first)",

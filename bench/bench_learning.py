@@ -33,11 +33,12 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from gem_model import HeatmapPredictor, create_gem_model  # noqa: E402
 from gem_model.learning import (  # noqa: E402
-    Calibration, CalibrationSample, build_bank, calibrate, grid_coverage, learned_heatmaps, task_examples,
+    Calibration, CalibrationSample, LearnedMaps, build_bank, calibrate, grid_coverage, learned_heatmaps,
+    task_examples,
 )
 from gem_model.regions import RegionConfig, extract_regions  # noqa: E402
 from gem_model.selection import select_diverse  # noqa: E402
-from gem_model.uncertainty import agreement, combine_scores, margin_score  # noqa: E402
+from gem_model.uncertainty import combine_scores, committee_agreement, margin_score  # noqa: E402
 
 LABELS = ("Disc", "Square", "Triangle")
 # Each kind has a typical colour (with jitter) and shape; clutter takes other colours and is smaller.
@@ -139,9 +140,11 @@ def encode(predictor: HeatmapPredictor, task: SyntheticTask):
     return encoded, features, text_maps
 
 
-def predict(predictor, learner: Learner, encoded, features, text_maps, parts: Optional[dict] = None):
+def predict(predictor, learner: Learner, encoded, features, text_maps, parts: Optional[dict] = None,
+            want: Sequence[str] = ("regions", "margin", "agreement")):
     """The learner's regions of one image; with `parts` (a dict), also fills in the task score's
-    parts (gem_model/uncertainty.py): regions, margin, agreement (None before any example)."""
+    parts named in `want` (gem_model/uncertainty.py): regions, margin, agreement (None before any
+    example)."""
     bank = learner.bank()
     maps = learned_heatmaps(features, text_maps, LABELS, bank, learner.calibration,
                             floor=learner.config.min_similarity, prior=learner.prior)
@@ -150,15 +153,12 @@ def predict(predictor, learner: Learner, encoded, features, text_maps, parts: Op
     result = extract_regions(full, list(LABELS), config)
     if parts is not None:
         parts["regions"] = result.score
-        parts["margin"] = margin_score(full, config)
-        parts["agreement"] = None
-        if bank is not None:
-            # The committee: the text maps alone and the prototypes alone (prior 0), both calibrated.
-            floor = learner.config.min_similarity
-            text_only = learned_heatmaps(features, text_maps, LABELS, None, learner.calibration, floor=floor)
-            examples_only = learned_heatmaps(features, text_maps, LABELS, bank, learner.calibration, floor=floor,
-                                             prior=0.0)
-            parts["agreement"] = agreement(text_only, examples_only, config)
+        if "margin" in want:
+            parts["margin"] = margin_score(full, config)
+    if parts is not None and "agreement" in want:
+        # The committee: the text maps alone and the prototypes alone, both calibrated.
+        parts["agreement"] = committee_agreement(features, text_maps, LABELS,
+                                                 LearnedMaps(bank, learner.calibration, learner.prior), config)
     return result
 
 
@@ -272,7 +272,7 @@ def print_score_variants(pairs_of_arm, images: int) -> None:
         print(f"| {name} | " + " | ".join(cells) + " |")
 
 
-CURVE_STEPS = (0, 2, 4, 6, 8, 12, 16)
+CURVE_STEPS = (0, 2, 4, 8, 12)
 ORDERS = ("random", "lowest score first", "select")
 
 
@@ -312,7 +312,7 @@ def learning_curves(predictor, config: RegionConfig, repeats: int, pool_size: in
                         scores = []
                         for i in left:
                             parts: dict = {}
-                            predict(predictor, learner, *pool_encoded[i], parts)
+                            predict(predictor, learner, *pool_encoded[i], parts, want=use)
                             scores.append(combine_scores(parts, use))
                         if order == "lowest score first":
                             chosen = list(np.argsort(scores, kind="stable")[:batch])
@@ -521,7 +521,7 @@ def main(argv=None) -> None:
                         help="learning curves of three orders of correcting (random, lowest score, select)")
     parser.add_argument("--pool", type=int, default=48, help="--curve: unlabeled images to choose from")
     parser.add_argument("--pool-factor", type=float, default=4.0, help="--curve: select's pool, x the batch")
-    parser.add_argument("--score", default="regions,margin",
+    parser.add_argument("--score", default="regions",
                         help="--curve: the task score's parts (comma-separated: regions, margin, agreement)")
     parser.add_argument("--project-tasks", type=int, default=10000,
                         help="--churn: tasks of the project each new version makes stale")

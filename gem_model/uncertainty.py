@@ -26,7 +26,7 @@ import numpy as np
 from .errors import InvalidInputError
 from .regions import RegionConfig
 
-__all__ = ["SCORE_PARTS", "agreement", "combine_scores", "pixel_margin", "margin_score"]
+__all__ = ["SCORE_PARTS", "agreement", "combine_scores", "committee_agreement", "pixel_margin", "margin_score"]
 
 SCORE_PARTS = ("regions", "margin", "agreement")
 
@@ -90,6 +90,25 @@ def agreement(text_maps: np.ndarray, prototype_maps: np.ndarray, config: RegionC
     if claimed == 0:
         return 1.0
     return float((first & other).sum() / claimed)
+
+
+def committee_agreement(features: np.ndarray, text_maps: np.ndarray, labels: Sequence[str], learned,
+                        config: RegionConfig) -> Optional[float]:
+    """`agreement` of a label's text map alone and its learned prototypes alone (the prototype
+    weight at 1), both with the learned calibration, on the patch grid; None when `learned` (a
+    `learning.LearnedMaps`) has no prototype for any of `labels` (no second committee member).
+
+    features   [h, w, D] GEM patch embeddings; text_maps [L, h, w] for `labels`, in order
+    """
+    from .learning import learned_heatmaps
+
+    bank = getattr(learned, "bank", None)
+    if bank is None or not any(bank.count(label) for label in labels):
+        return None
+    floor = config.min_similarity
+    text_only = learned_heatmaps(features, text_maps, labels, None, learned.calibration, floor)
+    examples_only = learned_heatmaps(features, text_maps, labels, bank, learned.calibration, floor, prior=0.0)
+    return agreement(text_only, examples_only, config)
 
 
 def combine_scores(parts: Mapping[str, Optional[float]], use: Sequence[str]) -> float:

@@ -67,6 +67,27 @@ def test_combine_scores():
         combine_scores(parts, ("entropy",))
 
 
+def test_the_pipeline_scores_tasks_with_the_parts_gem_task_score_names(tmp_path):
+    from backend.pipeline import compute_model_version
+    from backend_fixtures import data_uri
+
+    config = ('<View><Image name="image" value="$image"/>'
+              '<BrushLabels name="tag" toName="image"><Label value="Bright"/><Label value="Dark"/></BrushLabels></View>')
+    buffer = io.BytesIO()    # a grey ramp: where Bright (brightness) and Dark (1 - it) tie, the margin is low
+    Image.fromarray(np.tile(np.linspace(0, 255, 40).astype(np.uint8), (30, 1))).save(buffer, format="PNG")
+    task = {"id": 1, "data": {"image": data_uri(buffer.getvalue())}}
+    scores, versions = {}, {}
+    for use in (("regions",), ("margin",), ("regions", "margin")):
+        settings = Settings(model_dir=str(tmp_path), task_score=use)
+        pipeline = PredictionPipeline(settings, FakePredictor(), region_extractor=fake_extract_regions)
+        (prediction,), _ = pipeline.predict([task], pipeline.prepare(config))
+        scores[use], versions[use] = prediction["score"], compute_model_version(settings)
+    assert scores[("regions",)] != pytest.approx(scores[("margin",)], abs=1e-3)
+    assert scores[("regions", "margin")] == pytest.approx((scores[("regions",)] + scores[("margin",)]) / 2, abs=2e-4)
+    assert len(set(versions.values())) == 3            # stored scores of another formula are not taken for these
+    assert versions[("regions",)] == compute_model_version(Settings(model_dir=str(tmp_path)))
+
+
 # -- the selection -------------------------------------------------------------------------------------
 
 
