@@ -533,11 +533,13 @@ class PredictionPipeline:
         self._record(report)
         return predictions, report  # type: ignore[return-value]
 
-    def embed_task(self, task: Mapping[str, Any], job: PredictionJob) -> np.ndarray:
-        """One unit vector [D] for the task: the mean GEM patch embedding of each of its images (what
-        the encoder's feature cache holds), averaged over the images. For `python -m backend.select`'s
-        diversity. Bulk work: waits for interactive calls. Raises TaskError (with a reason) for an
-        image that cannot be fetched or encoded."""
+    def embed_task(self, task: Mapping[str, Any], job: PredictionJob, pooling: str = "mean") -> np.ndarray:
+        """One unit vector [D] for the task: each image's GEM patch embeddings (what the encoder's
+        feature cache holds) pooled by `gem_model.selection.image_embedding`, averaged over the
+        images. For `python -m backend.select`'s diversity. Bulk work: waits for interactive calls.
+        Raises TaskError (with a reason) for an image that cannot be fetched or encoded."""
+        from gem_model.selection import image_embedding
+
         report = PredictReport()
         images = self._fetch_task(task, job, report)
         vectors = []
@@ -548,8 +550,7 @@ class PredictionPipeline:
                 raise TaskError(f"image '{name}': {error}", reason=error.reason)
             with self.gate.model(False):
                 features = np.asarray(self.predictor.patch_embeddings(encoded), dtype=np.float32)   # [h, w, D]
-            mean = features.reshape(-1, features.shape[-1]).mean(axis=0)
-            vectors.append(mean / max(float(np.linalg.norm(mean)), 1e-12))
+            vectors.append(image_embedding(features, pooling))
         if not vectors:
             raise TaskError("the task has no image to embed", reason="no_image")
         out = np.mean(vectors, axis=0)

@@ -37,7 +37,7 @@ from gem_model.learning import (  # noqa: E402
     task_examples,
 )
 from gem_model.regions import RegionConfig, extract_regions  # noqa: E402
-from gem_model.selection import select_diverse  # noqa: E402
+from gem_model.selection import image_embedding, select_diverse  # noqa: E402
 from gem_model.uncertainty import combine_scores, committee_agreement, margin_score  # noqa: E402
 
 LABELS = ("Disc", "Square", "Triangle")
@@ -272,19 +272,13 @@ def print_score_variants(pairs_of_arm, images: int) -> None:
         print(f"| {name} | " + " | ".join(cells) + " |")
 
 
-CURVE_STEPS = (0, 2, 4, 8, 12)
+CURVE_STEPS = (0, 2, 4, 8, 12, 16)
 ORDERS = ("random", "lowest score first", "select")
-
-
-def pooled_embedding(features: np.ndarray) -> np.ndarray:
-    """One vector per image: the mean of its GEM patch embeddings (what backend/select.py uses)."""
-    vector = features.reshape(-1, features.shape[-1]).mean(axis=0)
-    return vector / max(float(np.linalg.norm(vector)), 1e-12)
 
 
 def learning_curves(predictor, config: RegionConfig, repeats: int, pool_size: int, heldout: int, size: int,
                     seed: int = 0, prior: float = 0.25, steps: Sequence[int] = CURVE_STEPS,
-                    use: Sequence[str] = ("regions",), pool_factor: float = 4.0):
+                    use: Sequence[str] = ("regions",), pool_factor: float = 4.0, pooling: str = "mean"):
     """Mean held-out IoU against the number of corrected images, for three orders of correcting a
     pool of unlabeled images: random, lowest task score first, and `select_diverse` (score +
     diversity of the pooled GEM embeddings). Between two steps the annotator corrects a batch
@@ -296,7 +290,7 @@ def learning_curves(predictor, config: RegionConfig, repeats: int, pool_size: in
         test = make_project(heldout, seed=7001 + 1000 * repeat + seed, size=size)
         pool_encoded = [encode(predictor, t) for t in pool]
         test_encoded = [encode(predictor, t) for t in test]
-        embeddings = np.stack([pooled_embedding(features) for _, features, _ in pool_encoded])
+        embeddings = np.stack([image_embedding(features, pooling) for _, features, _ in pool_encoded])
         for order in ORDERS:
             rng = np.random.default_rng(9000 + 1000 * repeat + seed)
             learner = Learner(use_prototypes=True, config=config, prior=prior)
@@ -521,6 +515,7 @@ def main(argv=None) -> None:
                         help="learning curves of three orders of correcting (random, lowest score, select)")
     parser.add_argument("--pool", type=int, default=48, help="--curve: unlabeled images to choose from")
     parser.add_argument("--pool-factor", type=float, default=4.0, help="--curve: select's pool, x the batch")
+    parser.add_argument("--pooling", default="mean", help="--curve: select's image embedding (mean, distinct)")
     parser.add_argument("--score", default="regions",
                         help="--curve: the task score's parts (comma-separated: regions, margin, agreement)")
     parser.add_argument("--project-tasks", type=int, default=10000,
@@ -554,10 +549,10 @@ def main(argv=None) -> None:
     if args.curve:
         use = tuple(p.strip() for p in args.score.split(",") if p.strip())
         out = learning_curves(predictor, config, args.repeats, args.pool, args.heldout, args.size, args.seed,
-                              args.prior, CURVE_STEPS, use, args.pool_factor)
+                              args.prior, CURVE_STEPS, use, args.pool_factor, args.pooling)
         print(f"Learning curves: {args.repeats} project(s), pool of {args.pool} unlabeled images, "
               f"{args.heldout} held-out images, {args.size} px, random-weight tiny ViT, score {'+'.join(use)}, "
-              f"select pool factor {args.pool_factor:g}, {time.perf_counter() - started:.0f} s")
+              f"select pool factor {args.pool_factor:g}, {args.pooling} pooling, {time.perf_counter() - started:.0f} s")
         print()
         print_curves(out, CURVE_STEPS)
         if args.plot:

@@ -28,7 +28,9 @@ import numpy as np
 
 from .errors import InvalidInputError
 
-__all__ = ["k_center_order", "select_diverse"]
+__all__ = ["POOLINGS", "image_embedding", "k_center_order", "select_diverse"]
+
+POOLINGS = ("mean", "distinct")
 
 
 def _unit_rows(embeddings) -> np.ndarray:
@@ -38,6 +40,28 @@ def _unit_rows(embeddings) -> np.ndarray:
     if not np.isfinite(arr).all():
         raise InvalidInputError("embeddings contain NaN or infinite values")
     return arr / np.maximum(np.linalg.norm(arr, axis=1, keepdims=True), 1e-12)
+
+
+def image_embedding(features, pooling: str = "mean", share: float = 0.25) -> np.ndarray:
+    """One unit vector [D] for an image from its GEM patch embeddings `features` [h, w, D].
+
+    mean      the mean patch embedding (the whole image; large uniform areas dominate)
+    distinct  the mean of the `share` of patches least like that mean: what stands out from the
+              image's background (objects), so two photos of one kind of object on different
+              backgrounds come out close
+    """
+    arr = np.asarray(features, dtype=np.float64)
+    if arr.ndim != 3 or min(arr.shape) < 1:
+        raise InvalidInputError(f"features must be [h, w, D], got shape {arr.shape}")
+    if pooling not in POOLINGS:
+        raise InvalidInputError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    flat = _unit_rows(arr.reshape(-1, arr.shape[-1]))                 # [N, D]
+    mean = flat.mean(axis=0)
+    if pooling == "distinct":
+        keep = max(1, int(round(share * len(flat))))
+        likeness = flat @ (mean / max(float(np.linalg.norm(mean)), 1e-12))
+        mean = flat[np.argsort(likeness, kind="stable")[:keep]].mean(axis=0)
+    return (mean / max(float(np.linalg.norm(mean)), 1e-12)).astype(np.float32)
 
 
 def k_center_order(embeddings, count: int, start: int = 0) -> list[int]:

@@ -26,6 +26,9 @@ def test_the_tab_shows_exactly_the_picked_tasks_lowest_score_first(ls, label_stu
     for rank, task_id in enumerate(ids):
         check(ls.post("/api/predictions/", json={"task": task_id, "result": [], "score": 0.9 - 0.1 * rank,
                                                  "model_version": "e2e"}), 201)
+    # The Data Manager's prediction score is that of the project's model version (the connected
+    # backend's, in real use).
+    check(ls.request("PATCH", f"/api/projects/{project}/", json={"model_version": "e2e"}), 200)
     other = check(ls.post("/api/dm/views/", json={"project": project, "data": {"title": "my own tab"}}), 201).json()
 
     picks = [ids[1], ids[6], ids[3]]
@@ -39,4 +42,5 @@ def test_the_tab_shows_exactly_the_picked_tasks_lowest_score_first(ls, label_stu
     assert _tasks_in_view(ls, project, view_id) == [ids[2], ids[0]]
     views = check(ls.get("/api/dm/views/", params={"project": project}), 200).json()
     assert sorted(v["id"] for v in views) == sorted([view_id, other["id"]])     # the user's tab untouched
-    assert [v["data"].get("title") for v in views if v["id"] == view_id] == [VIEW_TITLE]
+    (mine,) = [v for v in views if v["id"] == view_id]
+    assert mine["data"]["title"] == VIEW_TITLE and mine["data"]["ordering"] == ["tasks:predictions_score"]
