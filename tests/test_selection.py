@@ -249,3 +249,14 @@ def test_select_computes_missing_scores(tmp_path, fake_ls):
     summary = _select(tmp_path, fake_ls, 2, write_view=False)
     assert summary.sources == {"computed": 4} and len(summary.picks) == 2
     assert not fake_ls.predictions                 # computed in memory, not stored
+
+
+def test_the_score_of_the_newest_prediction_of_this_version_first():
+    task = {"predictions": [
+        {"id": 1, "model_version": "v2", "score": 0.4, "created_at": "2026-12-01T10:00:00Z"},
+        {"id": 2, "model_version": "v2", "score": 0.6, "created_at": "2026-12-02T10:00:00Z"},
+        {"id": 3, "model_version": "v1", "score": 0.9, "created_at": "2026-12-03T10:00:00Z"},
+        {"id": 4, "model_version": "v2", "score": None}]}
+    assert select_cli.newest_prediction_score(task, "v2") == (0.6, "current")
+    assert select_cli.newest_prediction_score(task, "v3") == (0.9, "stale")
+    assert select_cli.newest_prediction_score({"predictions": []}, "v2") is None
