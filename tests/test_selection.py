@@ -16,7 +16,7 @@ from backend_fixtures import FakePredictor, fake_extract_regions
 from fake_label_studio import TOKEN
 from gem_model.errors import InvalidInputError
 from gem_model.regions import RegionConfig
-from gem_model.selection import k_center_order, select_diverse
+from gem_model.selection import image_embedding, k_center_order, select_diverse
 from gem_model.uncertainty import agreement, combine_scores, margin_score, pixel_margin
 
 
@@ -140,6 +140,22 @@ def test_the_pool_keeps_only_the_lowest_scored():
     picks = select_diverse(scores, embeddings, 2, pool_factor=5.0)    # a pool of 10: clusters 0 and 1
     assert sorted(cluster[picks]) == [0, 1]
     assert picks[0] == 0                                     # the traversal starts at the lowest score
+
+
+def test_image_embedding_mean_and_distinct_pooling():
+    background, obj, other_background = np.eye(4)[0], np.eye(4)[1], np.eye(4)[2]
+    first = np.tile(background, (4, 4, 1))
+    first[:2, :2] = obj                                   # a quarter of the patches show the object
+    second = np.tile(other_background, (4, 4, 1))
+    second[2:, 2:] = obj                                  # the same object on another background
+    mean = [image_embedding(f) for f in (first, second)]
+    assert np.allclose(np.linalg.norm(mean[0]), 1.0)
+    assert np.allclose(mean[0], (0.75 * background + 0.25 * obj) / np.linalg.norm(0.75 * background + 0.25 * obj))
+    distinct = [image_embedding(f, "distinct") for f in (first, second)]
+    assert np.allclose(distinct[0], obj) and np.allclose(distinct[1], obj)   # the object, not the background
+    assert float(mean[0] @ mean[1]) < 0.2
+    with pytest.raises(InvalidInputError):
+        image_embedding(first, "max")
 
 
 def test_selection_edge_cases():
