@@ -2,6 +2,8 @@
 
     python bench/bench_learning.py [--repeats 3] [--heldout 24] [--size 160] [--plot docs/img/learning.png]
     python bench/bench_learning.py --churn 32 --repeats 2 --heldout 12    # publishing policies
+    python bench/bench_learning.py --curve --repeats 8 --pool 48 --heldout 16 \
+        --plot docs/img/learning_curve_select.png                        # orders of correcting
 
 A synthetic project the code generates: photos of three kinds of shapes (the labels) in clutter,
 with their true masks. The model is the random-weight open_clip ViT of the tests, so its text
@@ -10,8 +12,11 @@ anything better comes from learning. An annotator is simulated: each image in tu
 with what was learned so far, then "corrected" to the truth (the true masks become the
 annotation; predicted regions with no overlap with the truth of their label count as deleted).
 Two arms: calibration only (per-label floors + minimum area), and calibration + visual prototypes.
-It prints a Markdown table, the rank correlation between the task score and the IoU, and writes
-a PNG plot.
+It prints a Markdown table, the rank correlation between the task score and the IoU (and, per
+task-score variant of gem_model/uncertainty.py, Spearman and the IoU of the lowest- vs the
+highest-scored quarter after 0, 2, 4, 8 corrections), and writes a PNG plot. `--curve` compares
+three orders of correcting a pool of unlabeled images instead: random, lowest task score first,
+and `gem_model.selection.select_diverse` (what `python -m backend.select` does).
 """
 from __future__ import annotations
 
