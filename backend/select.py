@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from .ls_client import LabelStudioClient, LabelStudioError
-from .pipeline import PredictionPipeline, TaskError, compute_model_version, versioned
+from .pipeline import PredictionPipeline, TaskError
 from .settings import Settings, SettingsError
 from .stages import PAGE_SIZE, learned_for, select_tasks, stopped_reason
 
@@ -153,13 +153,12 @@ def run_select(settings: Settings, project: int, count: int, *, pool_factor: flo
     info = client.get_project(project)
     plan = parse_label_config(info.get("label_config") or "", settings.outputs)
     learned = learned_for(settings, project)
-    base = pipeline.model_version if pipeline is not None else compute_model_version(settings)
-    version = versioned(base, plan, settings, learned=learned)
-    summary = SelectSummary(project=project, model_version=version, requested=count)
     if pipeline is None:
         logger.info("loading model %s (%s) on %s", settings.model_name, settings.pretrained, settings.device)
         pipeline = PredictionPipeline.from_settings(settings)
     job = pipeline.prepare(plan, project=project, learned=learned)
+    version = job.model_version            # what the server stores for this project now
+    summary = SelectSummary(project=project, model_version=version, requested=count)
 
     # 1. Scores of every unlabeled task (labelled ones are never listed).
     candidates: list[Candidate] = []
