@@ -17,7 +17,7 @@ from fake_label_studio import TOKEN
 from gem_model.errors import InvalidInputError
 from gem_model.regions import RegionConfig
 from gem_model.selection import image_embedding, k_center_order, select_diverse
-from gem_model.uncertainty import agreement, combine_scores, margin_score, pixel_margin
+from gem_model.uncertainty import agreement, combine_scores, committee_agreement, margin_score, pixel_margin
 
 
 # -- the score's parts -------------------------------------------------------------------------------
@@ -55,6 +55,27 @@ def test_agreement_of_the_committee():
     half[0, :1] = 0.5                                  # a quarter of the image, inside the first's half
     assert agreement(text, half, config) == pytest.approx(0.5)
     assert agreement(np.zeros_like(text), np.zeros_like(text), config) == 1.0   # nobody claims anything
+
+
+def test_committee_agreement_of_text_and_prototypes():
+    from gem_model.learning import LearnedMaps, build_bank, task_examples
+
+    config = RegionConfig(min_similarity=0.2)
+    kind_a, kind_b = np.eye(3)[0], np.eye(3)[1]
+    features = np.tile(kind_b, (4, 4, 1)).astype(np.float32)
+    features[:, :2] = kind_a                                       # the left half shows kind A
+    coverage = np.zeros((4, 4), np.float32)
+    coverage[:, :2] = 1.0
+    bank = build_bank([task_examples("1", features, {"Thing": coverage})])    # Thing = kind A
+    learned = LearnedMaps(bank=bank, calibration=None, prior=0.25)
+    right = np.zeros((1, 4, 4), np.float32)
+    right[0, :, :2] = 0.5                                          # the text finds kind A too
+    wrong = np.zeros((1, 4, 4), np.float32)
+    wrong[0, :, 2:] = 0.5                                          # the text points at the other half
+    assert committee_agreement(features, right, ["Thing"], learned, config) == 1.0
+    assert committee_agreement(features, wrong, ["Thing"], learned, config) == 0.0
+    assert committee_agreement(features, right, ["Other"], learned, config) is None      # no examples of it
+    assert committee_agreement(features, right, ["Thing"], LearnedMaps(), config) is None
 
 
 def test_combine_scores():
