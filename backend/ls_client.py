@@ -474,6 +474,23 @@ class LabelStudioClient:
         total = project_info.get("task_number")
         return total if isinstance(total, int) else None
 
+    # -- Data Manager views (tabs) ----------------------------------------------------------------
+
+    def list_views(self, project: int) -> list[dict]:
+        """The project's Data Manager tabs (`GET /api/dm/views/?project=`): each `id`, `data` (its
+        `title`, `filters`, `ordering`, ...)."""
+        answer = self.request("GET", "api/dm/views/", params={"project": int(project)})
+        views = answer if isinstance(answer, list) else (answer or {}).get("results", [])
+        return [v for v in views if isinstance(v, Mapping)]
+
+    def save_view(self, project: int, data: Mapping[str, Any], view_id: int | None = None) -> dict:
+        """Create a tab (`POST /api/dm/views/`) or replace one's `data` (`PATCH /api/dm/views/<id>/`).
+        `data` as the Data Manager keeps it: `title`, `filters` ({conjunction, items}), `ordering`, ..."""
+        body = {"project": int(project), "data": dict(data)}
+        if view_id is None:
+            return self.request("POST", "api/dm/views/", json_body=body)
+        return self.request("PATCH", f"api/dm/views/{int(view_id)}/", json_body=body)
+
     # -- annotations and predictions -------------------------------------------------------------
 
     def get_annotation(self, annotation: int) -> dict:

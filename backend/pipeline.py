@@ -101,6 +101,8 @@ def compute_model_version(settings: Settings) -> str:
         **({"pamr_sigma": "unbiased9", "pamr_dilations": list(settings.pamr_dilations)}
            if settings.pamr_iters else {}),
         **({"pos_embed": settings.pos_embed} if settings.pos_embed != "antialias" else {}),
+        # The task score stored with each prediction: "regions" alone before 2026-12-03 (issue 22).
+        **({"task_score": list(settings.task_score)} if tuple(settings.task_score) != ("regions",) else {}),
     }, sort_keys=True, default=str)
     digest = hashlib.sha256(key.encode()).hexdigest()[:8]
     return f"gem-{settings.model_name}-{weights}-{settings.image_size}-{digest}"
@@ -531,6 +533,29 @@ class PredictionPipeline:
         self._record(report)
         return predictions, report  # type: ignore[return-value]
 
+    def embed_task(self, task: Mapping[str, Any], job: PredictionJob, pooling: str = "mean") -> np.ndarray:
+        """One unit vector [D] for the task: each image's GEM patch embeddings (what the encoder's
+        feature cache holds) pooled by `gem_model.selection.image_embedding`, averaged over the
+        images. For `python -m backend.select`'s diversity. Bulk work: waits for interactive calls.
+        Raises TaskError (with a reason) for an image that cannot be fetched or encoded."""
+        from gem_model.selection import image_embedding
+
+        report = PredictReport()
+        images = self._fetch_task(task, job, report)
+        vectors = []
+        for name, image in images.items():
+            self.gate.pause_for_interactive()
+            encoded, error = self._encode([image.image], report)[0]
+            if error is not None:
+                raise TaskError(f"image '{name}': {error}", reason=error.reason)
+            with self.gate.model(False):
+                features = np.asarray(self.predictor.patch_embeddings(encoded), dtype=np.float32)   # [h, w, D]
+            vectors.append(image_embedding(features, pooling))
+        if not vectors:
+            raise TaskError("the task has no image to embed", reason="no_image")
+        out = np.mean(vectors, axis=0)
+        return (out / max(float(np.linalg.norm(out)), 1e-12)).astype(np.float32)
+
     # -- stages ---------------------------------------------------------------------------------
 
     def _fetch_task(self, task: Mapping[str, Any], job: PredictionJob,
@@ -626,9 +651,12 @@ class PredictionPipeline:
         index = {p: k for k, p in enumerate(prompts)}
         vectors = exemplar_vectors(features, exemplars) if exemplars else None
         grid_maps = []
+        text_grid = {}                    # key -> its text map on the grid (the task score's committee)
         for label, label_prompts in keys:
             # A key is (label, prompts): one label may carry different prompts in two controls.
             text_maps = {label: sims[[index[p] for p in label_prompts]].max(axis=0)} if label_prompts else {}
+            if text_maps:
+                text_grid[(label, label_prompts)] = text_maps[label]
             grid_maps.append(build_label_maps(features, [label], text_maps, floor, job.learned_maps, vectors)[0])
         self._time(report, "postprocess", time.perf_counter() - started)
         work = _working_size(self.predictor, encoded, image, region_config)
@@ -660,12 +688,28 @@ class PredictionPipeline:
                                                 prompts={lp.label: "; ".join(lp.prompts) or "example"
                                                          for lp in control.labels},
                                                 size=(image.height, image.width))
-                scores.append(float(extracted[group].score))
+                scores.append(self._task_score(extracted[group], heatmaps, region_config, job, features,
+                                               text_grid, [lp.label for lp in control.labels], group[0]))
                 self._time(report, "postprocess", time.perf_counter() - started)
             started = time.perf_counter()
             results.extend(encode_regions(control.control, extracted[group].regions, image.width, image.height))
             self._time(report, "encode", time.perf_counter() - started)
         return results, scores
+
+    def _task_score(self, regions: Any, heatmaps: np.ndarray, region_config: Any, job: PredictionJob,
+                    features: Any, text_grid: Mapping, labels: Sequence[str], keys: Sequence) -> float:
+        """The task score of one control's regions (GEM_TASK_SCORE; gem_model/uncertainty.py)."""
+        from gem_model.uncertainty import combine_scores, committee_agreement, margin_score
+
+        use = self.settings.task_score
+        parts: dict[str, float | None] = {"regions": float(regions.score)}
+        if "margin" in use:
+            parts["margin"] = margin_score(heatmaps, region_config)
+        if "agreement" in use and job.learned_maps is not None and features is not None \
+                and all(key in text_grid for key in keys):
+            parts["agreement"] = committee_agreement(features, np.stack([text_grid[key] for key in keys]),
+                                                     labels, job.learned_maps, region_config)
+        return combine_scores(parts, use)
 
     # -- bookkeeping ------------------------------------------------------------------------------
 

@@ -106,6 +106,15 @@ def _outputs(raw: str) -> tuple[str, ...]:
     return kinds
 
 
+def _score_parts(raw: str) -> tuple[str, ...]:
+    parts = tuple(dict.fromkeys(p.strip().lower() for p in raw.split(",") if p.strip()))
+    allowed = ("regions", "margin", "agreement")
+    unknown = [p for p in parts if p not in allowed]
+    if unknown or not parts:
+        raise ValueError(f"expected a comma list of {', '.join(allowed)}")
+    return parts
+
+
 def _device(raw: str) -> str:
     value = raw.strip().lower()
     if value in ("auto", "cpu", "cuda", "mps") or re.fullmatch(r"cuda:\d+", value):
@@ -381,6 +390,19 @@ class Settings:
     feedback_backups: int = knob("GEM_FEEDBACK_BACKUPS", 3,
                                  "rotated feedback logs kept (feedback.jsonl.1 is the newest)",
                                  unit="files", parse=_int(0, 100), group="Learning")
+
+    # Active learning: the task score and `python -m backend.select` (docs/LEARNING.md)
+    task_score: tuple[str, ...] = knob("GEM_TASK_SCORE", ("regions",),
+                                       "what the task score (0..1, low = look here first) averages: `regions` "
+                                       "(area-weighted mean region confidence), `margin` (mean best-minus-second "
+                                       "class probability over all pixels), `agreement` (text map vs learned "
+                                       "prototypes); comma list. Only `regions` earned its place on the benchmark "
+                                       "(docs/LEARNING.md); another choice changes the model version",
+                                       parse=_score_parts, group="Active learning")
+    select_pool_factor: float = knob("GEM_SELECT_POOL_FACTOR", 4.0,
+                                     "`python -m backend.select --count N` chooses N diverse tasks among the "
+                                     "N x this lowest-scored ones (1 = lowest score first)",
+                                     parse=_float(minimum=1.0), group="Active learning")
 
     # Ray (python -m backend.prelabel --ray; docs/SCALING.md)
     ray_upload_tasks: int = knob("GEM_RAY_UPLOAD_TASKS", 2,

@@ -2,6 +2,8 @@
 
     python bench/bench_learning.py [--repeats 3] [--heldout 24] [--size 160] [--plot docs/img/learning.png]
     python bench/bench_learning.py --churn 32 --repeats 2 --heldout 12    # publishing policies
+    python bench/bench_learning.py --curve --repeats 8 --pool 48 --heldout 16 \
+        --plot docs/img/learning_curve_select.png                        # orders of correcting
 
 A synthetic project the code generates: photos of three kinds of shapes (the labels) in clutter,
 with their true masks. The model is the random-weight open_clip ViT of the tests, so its text
@@ -10,8 +12,11 @@ anything better comes from learning. An annotator is simulated: each image in tu
 with what was learned so far, then "corrected" to the truth (the true masks become the
 annotation; predicted regions with no overlap with the truth of their label count as deleted).
 Two arms: calibration only (per-label floors + minimum area), and calibration + visual prototypes.
-It prints a Markdown table, the rank correlation between the task score and the IoU, and writes
-a PNG plot.
+It prints a Markdown table, the rank correlation between the task score and the IoU (and, per
+task-score variant of gem_model/uncertainty.py, Spearman and the IoU of the lowest- vs the
+highest-scored quarter after 0, 2, 4, 8 corrections), and writes a PNG plot. `--curve` compares
+three orders of correcting a pool of unlabeled images instead: random, lowest task score first,
+and `gem_model.selection.select_diverse` (what `python -m backend.select` does).
 """
 from __future__ import annotations
 
@@ -33,9 +38,12 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from gem_model import HeatmapPredictor, create_gem_model  # noqa: E402
 from gem_model.learning import (  # noqa: E402
-    Calibration, CalibrationSample, build_bank, calibrate, grid_coverage, learned_heatmaps, task_examples,
+    Calibration, CalibrationSample, LearnedMaps, build_bank, calibrate, grid_coverage, learned_heatmaps,
+    task_examples,
 )
 from gem_model.regions import RegionConfig, extract_regions  # noqa: E402
+from gem_model.selection import image_embedding, select_diverse  # noqa: E402
+from gem_model.uncertainty import combine_scores, committee_agreement, margin_score  # noqa: E402
 
 LABELS = ("Disc", "Square", "Triangle")
 # Each kind has a typical colour (with jitter) and shape; clutter takes other colours and is smaller.
@@ -137,12 +145,26 @@ def encode(predictor: HeatmapPredictor, task: SyntheticTask):
     return encoded, features, text_maps
 
 
-def predict(predictor, learner: Learner, encoded, features, text_maps):
-    maps = learned_heatmaps(features, text_maps, LABELS, learner.bank(), learner.calibration,
+def predict(predictor, learner: Learner, encoded, features, text_maps, parts: Optional[dict] = None,
+            want: Sequence[str] = ("regions", "margin", "agreement")):
+    """The learner's regions of one image; with `parts` (a dict), also fills in the task score's
+    parts named in `want` (gem_model/uncertainty.py): regions, margin, agreement (None before any
+    example)."""
+    bank = learner.bank()
+    maps = learned_heatmaps(features, text_maps, LABELS, bank, learner.calibration,
                             floor=learner.config.min_similarity, prior=learner.prior)
     full = predictor.upsample(maps, encoded)
     config = learner.calibration.region_config(learner.config) if learner.calibration else learner.config
-    return extract_regions(full, list(LABELS), config)
+    result = extract_regions(full, list(LABELS), config)
+    if parts is not None:
+        parts["regions"] = result.score
+        if "margin" in want:
+            parts["margin"] = margin_score(full, config)
+    if parts is not None and "agreement" in want:
+        # The committee: the text maps alone and the prototypes alone, both calibrated.
+        parts["agreement"] = committee_agreement(features, text_maps, LABELS,
+                                                 LearnedMaps(bank, learner.calibration, learner.prior), config)
+    return result
 
 
 def image_iou(result, truth: dict[str, np.ndarray], shape) -> float:
@@ -182,7 +204,8 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
 
 def run(predictor, config: RegionConfig, repeats: int, heldout: int, size: int, seed: int = 0,
         prior: float = 0.25):
-    """Mean IoU per arm and step, and the score/IoU rank correlation, over `repeats` projects."""
+    """Mean IoU per arm and step, and per held-out image the task score's parts and its IoU, over
+    `repeats` projects: `pairs[arm][step] = ([parts dict per image], [IoU per image])`."""
     arms = {"calibration": False, "calibration + prototypes": True}
     ious = {arm: {k: [] for k in STEPS} for arm in arms}
     pairs = {arm: {k: ([], []) for k in STEPS} for arm in arms}
@@ -202,12 +225,136 @@ def run(predictor, config: RegionConfig, repeats: int, heldout: int, size: int, 
                                   deleted_regions(before, task.masks))
                     done += 1
                 for task, (encoded, features, text_maps) in zip(test, test_encoded):
-                    result = predict(predictor, learner, encoded, features, text_maps)
+                    parts: dict = {}
+                    result = predict(predictor, learner, encoded, features, text_maps, parts)
                     iou = image_iou(result, task.masks, (size, size))
                     ious[arm][step].append(iou)
-                    pairs[arm][step][0].append(result.score)
+                    pairs[arm][step][0].append(parts)
                     pairs[arm][step][1].append(iou)
     return ious, pairs
+
+
+# The task scores compared (gem_model/uncertainty.py): the parts each averages.
+SCORE_VARIANTS = {
+    "regions (before)": ("regions",),
+    "margin": ("margin",),
+    "agreement": ("agreement",),
+    "regions + margin": ("regions", "margin"),
+    "regions + agreement": ("regions", "agreement"),
+    "regions + margin + agreement": ("regions", "margin", "agreement"),
+}
+SCORE_STEPS = (0, 2, 4, 8)
+
+
+def task_scores(parts: Sequence[dict], use: Sequence[str]) -> list[float]:
+    return [combine_scores(p, use) for p in parts]
+
+
+def quarters(scores: Sequence[float], ious: Sequence[float]) -> tuple[float, float]:
+    """Mean IoU of the lowest-scored and of the highest-scored quarter of the images."""
+    order = np.argsort(np.asarray(scores), kind="stable")
+    quarter = max(1, len(order) // 4)
+    values = np.asarray(ious)
+    return float(values[order[:quarter]].mean()), float(values[order[-quarter:]].mean())
+
+
+def print_score_variants(pairs_of_arm, images: int) -> None:
+    """Per task-score variant and number of corrections: Spearman(score, IoU), and the mean IoU of
+    the lowest- vs the highest-scored quarter of held-out images (calibration + prototypes)."""
+    print(f"Task score variants, calibration + prototypes, {images} held-out images per cell: "
+          "Spearman(score, IoU); mean IoU of the lowest-scored quarter / of the highest-scored quarter")
+    print()
+    print("| Score | " + " | ".join(f"{k} corrected" for k in SCORE_STEPS) + " |")
+    print("|---|" + "---|" * len(SCORE_STEPS))
+    for name, use in SCORE_VARIANTS.items():
+        cells = []
+        for k in SCORE_STEPS:
+            parts, ious = pairs_of_arm[k]
+            scores = task_scores(parts, use)
+            rho = spearman(scores, ious)
+            low, high = quarters(scores, ious)
+            cells.append(("n/a" if math.isnan(rho) else f"{rho:+.2f}") + f"; {low:.2f} / {high:.2f}")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+CURVE_STEPS = (0, 2, 4, 8, 12, 16)
+ORDERS = ("random", "lowest score first", "select")
+
+
+def learning_curves(predictor, config: RegionConfig, repeats: int, pool_size: int, heldout: int, size: int,
+                    seed: int = 0, prior: float = 0.25, steps: Sequence[int] = CURVE_STEPS,
+                    use: Sequence[str] = ("regions",), pool_factor: float = 4.0, pooling: str = "mean"):
+    """Mean held-out IoU against the number of corrected images, for three orders of correcting a
+    pool of unlabeled images: random, lowest task score first, and `select_diverse` (score +
+    diversity of the pooled GEM embeddings). Between two steps the annotator corrects a batch
+    (steps[i+1] - steps[i] images) chosen with what was learned so far, as a team using
+    `python -m backend.select` between publications would. Returns {order: [[IoU per step] per repeat]}."""
+    out = {order: [] for order in ORDERS}
+    for repeat in range(repeats):
+        pool = make_project(pool_size, seed=7000 + 1000 * repeat + seed, size=size)
+        test = make_project(heldout, seed=7001 + 1000 * repeat + seed, size=size)
+        pool_encoded = [encode(predictor, t) for t in pool]
+        test_encoded = [encode(predictor, t) for t in test]
+        embeddings = np.stack([image_embedding(features, pooling) for _, features, _ in pool_encoded])
+        for order in ORDERS:
+            rng = np.random.default_rng(9000 + 1000 * repeat + seed)
+            learner = Learner(use_prototypes=True, config=config, prior=prior)
+            left = list(range(pool_size))
+            curve = []
+            done = 0
+            for step in steps:
+                batch = step - done
+                if batch > 0:
+                    if order == "random":
+                        picked = [left[i] for i in rng.choice(len(left), size=batch, replace=False)]
+                    else:
+                        scores = []
+                        for i in left:
+                            parts: dict = {}
+                            predict(predictor, learner, *pool_encoded[i], parts, want=use)
+                            scores.append(combine_scores(parts, use))
+                        if order == "lowest score first":
+                            chosen = list(np.argsort(scores, kind="stable")[:batch])
+                        else:
+                            chosen = select_diverse(scores, embeddings[left], batch, pool_factor)
+                        picked = [left[int(i)] for i in chosen]
+                    for i in picked:   # the annotator corrects each picked image
+                        encoded, features, text_maps = pool_encoded[i]
+                        before = predict(predictor, learner, encoded, features, text_maps)
+                        learner.learn(f"{repeat}-{i}", features, text_maps, pool[i].masks,
+                                      deleted_regions(before, pool[i].masks))
+                        left.remove(i)
+                    done = step
+                curve.append(float(np.mean([image_iou(predict(predictor, learner, *enc), t.masks, (size, size))
+                                            for t, enc in zip(test, test_encoded)])))
+            out[order].append(curve)
+    return out
+
+
+def print_curves(out, steps: Sequence[int]) -> None:
+    print("| Corrected images | " + " | ".join(str(k) for k in steps) + " | mean over steps |")
+    print("|---|" + "---|" * (len(steps) + 1))
+    for order, curves in out.items():
+        arr = np.asarray(curves)
+        print(f"| {order} | " + " | ".join(f"{m:.3f}" for m in arr.mean(axis=0)) + f" | {arr.mean():.3f} |")
+    print()
+    # Paired by project: the three orders share the pool, the held-out images and the model.
+    base = np.asarray(out["select"])
+    for other in ("random", "lowest score first"):
+        diff = (base - np.asarray(out[other]))[:, 1:].mean(axis=1)     # per project, over steps after 0
+        print(f"select minus {other}: mean held-out IoU over steps after 0, per project: "
+              + ", ".join(f"{d:+.3f}" for d in diff) + f"; mean {diff.mean():+.3f}, "
+              f"standard error {diff.std(ddof=1) / math.sqrt(len(diff)) if len(diff) > 1 else float('nan'):.3f}")
+
+
+def plot_curves(out, steps: Sequence[int], path: Path, title: str) -> None:
+    """The three orders' mean curves with their standard error over projects (drawn with PIL, like `plot`)."""
+    table, errors = {}, {}
+    for order, curves in out.items():
+        arr = np.asarray(curves)
+        table[order] = list(arr.mean(axis=0))
+        errors[order] = list(arr.std(axis=0, ddof=1) / math.sqrt(len(arr)) if len(arr) > 1 else np.zeros(len(steps)))
+    plot(table, path, title, steps=steps, errors=errors, legend="")
 
 
 def churn(predictor, config: RegionConfig, annotations: int, heldout: int, size: int, seed: int = 0,
@@ -318,12 +465,14 @@ def cost(grid=(28, 50), dim=512, cases=((3, 8), (3, 32), (10, 8), (10, 32)), see
         print(f"| {num_labels} | {count} | {seconds:.1f} | {per_image:.0f} |")
 
 
-def plot(table: dict[str, list[float]], path: Path, title: str) -> None:
-    """A small line plot drawn with PIL (no plotting library needed)."""
+def plot(table: dict[str, list[float]], path: Path, title: str, steps: Sequence[int] = STEPS,
+         errors: Optional[dict[str, list[float]]] = None, legend: str = "mean IoU, ") -> None:
+    """A small line plot drawn with PIL (no plotting library needed); `errors`: +- bars per point."""
     width, height, margin = 560, 340, 56
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
-    x_of = {k: margin + i * (width - 2 * margin) / (len(STEPS) - 1) for i, k in enumerate(STEPS)}
+    span = max(steps) - min(steps) or 1
+    x_of = {k: margin + (k - min(steps)) * (width - 2 * margin) / span for k in steps}
 
     def y_of(v: float) -> float:
         return height - margin - v * (height - 2 * margin)
@@ -333,19 +482,23 @@ def plot(table: dict[str, list[float]], path: Path, title: str) -> None:
     for v in (0.0, 0.2, 0.4, 0.6, 0.8, 1.0):
         draw.line([(margin - 4, y_of(v)), (width - margin, y_of(v))], fill=(225, 225, 225))
         draw.text((margin - 30, y_of(v) - 6), f"{v:.1f}", fill="black")
-    for k in STEPS:
+    for k in steps:
         draw.text((x_of[k] - 3, height - margin + 6), str(k), fill="black")
     draw.text((width / 2 - 70, height - margin + 22), "corrected images", fill="black")
     draw.text((margin, 12), title, fill="black")
-    colours = [(200, 60, 40), (30, 110, 200)]
-    for (arm, values), colour in zip(table.items(), colours):
-        points = [(x_of[k], y_of(v)) for k, v in zip(STEPS, values)]
+    colours = [(200, 60, 40), (30, 110, 200), (40, 150, 60)]
+    for index, ((arm, values), colour) in enumerate(zip(table.items(), colours)):
+        points = [(x_of[k], y_of(v)) for k, v in zip(steps, values)]
         draw.line(points, fill=colour, width=3)
-        for x, y in points:
+        for j, (x, y) in enumerate(points):
             draw.ellipse((x - 4, y - 4, x + 4, y + 4), fill=colour)
-        index = list(table).index(arm)
+            if errors is not None:
+                e = errors[arm][j] * (height - 2 * margin)
+                draw.line([(x, y - e), (x, y + e)], fill=colour, width=1)
+                draw.line([(x - 3, y - e), (x + 3, y - e)], fill=colour)
+                draw.line([(x - 3, y + e), (x + 3, y + e)], fill=colour)
         draw.line([(width - 250, 34 + 16 * index), (width - 226, 34 + 16 * index)], fill=colour, width=3)
-        draw.text((width - 220, 28 + 16 * index), f"mean IoU, {arm}", fill="black")
+        draw.text((width - 220, 28 + 16 * index), f"{legend}{arm}", fill="black")
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path, optimize=True)
 
@@ -363,6 +516,13 @@ def main(argv=None) -> None:
     parser.add_argument("--cost", action="store_true", help="only time calibration at ViT-B/16 sizes")
     parser.add_argument("--churn", type=int, default=0, metavar="N",
                         help="compare the publishing policies on a stream of N annotations instead")
+    parser.add_argument("--curve", action="store_true",
+                        help="learning curves of three orders of correcting (random, lowest score, select)")
+    parser.add_argument("--pool", type=int, default=48, help="--curve: unlabeled images to choose from")
+    parser.add_argument("--pool-factor", type=float, default=4.0, help="--curve: select's pool, x the batch")
+    parser.add_argument("--pooling", default="mean", help="--curve: select's image embedding (mean, distinct)")
+    parser.add_argument("--score", default="regions",
+                        help="--curve: the task score's parts (comma-separated: regions, margin, agreement)")
     parser.add_argument("--project-tasks", type=int, default=10000,
                         help="--churn: tasks of the project each new version makes stale")
     args = parser.parse_args(argv)
@@ -391,6 +551,20 @@ def main(argv=None) -> None:
         print()
         print_churn(out, args.churn, args.project_tasks)
         return
+    if args.curve:
+        use = tuple(p.strip() for p in args.score.split(",") if p.strip())
+        out = learning_curves(predictor, config, args.repeats, args.pool, args.heldout, args.size, args.seed,
+                              args.prior, CURVE_STEPS, use, args.pool_factor, args.pooling)
+        print(f"Learning curves: {args.repeats} project(s), pool of {args.pool} unlabeled images, "
+              f"{args.heldout} held-out images, {args.size} px, random-weight tiny ViT, score {'+'.join(use)}, "
+              f"select pool factor {args.pool_factor:g}, {args.pooling} pooling, {time.perf_counter() - started:.0f} s")
+        print()
+        print_curves(out, CURVE_STEPS)
+        if args.plot:
+            plot_curves(out, CURVE_STEPS, args.plot, "Held-out mean IoU by order of correcting "
+                        f"({args.repeats} projects, random-weight ViT)")
+            print(f"plot: {args.plot} ({args.plot.stat().st_size // 1024} KiB)")
+        return
     ious, pairs = run(predictor, config, args.repeats, args.heldout, args.size, args.seed, args.prior)
     seconds = time.perf_counter() - started
 
@@ -406,21 +580,16 @@ def main(argv=None) -> None:
         table[arm] = means
         print(f"| mean IoU, {arm} | " + " | ".join(f"{m:.3f}" for m in means) + " |")
     print()
-    print("Rank correlation (Spearman) between the task score and its IoU, held-out images:")
+    print("Rank correlation (Spearman) between the task score and its IoU, held-out images "
+          "(score: regions, the area-weighted mean region confidence):")
     print()
     print("| Corrected images | " + " | ".join(str(k) for k in STEPS) + " |")
     print("|---|" + "---|" * len(STEPS))
     for arm in pairs:
-        rhos = [spearman(*pairs[arm][k]) for k in STEPS]
+        rhos = [spearman(task_scores(pairs[arm][k][0], ("regions",)), pairs[arm][k][1]) for k in STEPS]
         print(f"| {arm} | " + " | ".join("n/a" if math.isnan(r) else f"{r:+.2f}" for r in rhos) + " |")
-    arm = "calibration + prototypes"
-    scores, values = pairs[arm][max(STEPS)]
-    order = np.argsort(scores)
-    quarter = max(1, len(order) // 4)
     print()
-    print(f"{arm}, {max(STEPS)} corrected: mean IoU of the lowest-scored quarter of held-out images "
-          f"{np.mean(np.asarray(values)[order[:quarter]]):.3f}, of the highest-scored quarter "
-          f"{np.mean(np.asarray(values)[order[-quarter:]]):.3f}")
+    print_score_variants(pairs["calibration + prototypes"], args.repeats * args.heldout)
     if args.plot:
         plot(table, args.plot, "Held-out mean IoU, random-weight ViT (text knows nothing)")
         print(f"plot: {args.plot} ({args.plot.stat().st_size // 1024} KiB)")

@@ -3,7 +3,7 @@
 Shapes follow Label Studio 1.23.2 as observed: `GET /api/tasks/` answers `{"total", "tasks": [...]}`
 with each task's predictions (fields=all), honours `query` (selectedItems, a total_annotations
 filter) and answers 404 "Invalid page." past the last page; `POST /api/projects/{id}/import/predictions`
-answers `{"created": n}`. Used by the unit tests and by bench/bench_prelabel.py.
+answers `{"created": n}`; Data Manager tabs are kept (`GET/POST /api/dm/views/`, `PATCH /api/dm/views/<id>/`). Used by the unit tests and by bench/bench_prelabel.py.
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ class FakeLabelStudio:
         self.refresh_token: str | None = None               # a personal access token it accepts
         self.access_tokens: set[str] = set()                 # access tokens it handed out and still accepts
         self.after_list: list = []                           # hooks called (lock held) after each task page
+        self.views: dict[int, dict] = {}                     # Data Manager tabs: id -> {"id", "project", "data"}
         self.ignore_id_filter = False                         # behave like a Label Studio without the id filter
         self.unavailable = False                             # True: every call answers 503 (a proxy, LS down)
         self.lock = threading.RLock()   # re-entrant: after_list hooks run with it held
@@ -41,6 +42,9 @@ class FakeLabelStudio:
 
             def do_POST(self):
                 owner._handle(self, "POST")
+
+            def do_PATCH(self):
+                owner._handle(self, "PATCH")
 
             def log_message(self, *args):
                 pass
@@ -156,6 +160,21 @@ class FakeLabelStudio:
                 for p in body:
                     self._store(p)
                 return self._reply(handler, 201, {"created": len(body)})
+            if path == "/api/dm/views/" and method in ("GET", "POST"):
+                if method == "GET":
+                    project = int(query["project"]) if "project" in query else None
+                    return self._reply(handler, 200, [v for v in self.views.values()
+                                                      if project is None or v["project"] == project])
+                view = {"id": max(self.views, default=0) + 1, "project": int(body["project"]),
+                        "data": dict(body.get("data") or {})}
+                self.views[view["id"]] = view
+                return self._reply(handler, 201, view)
+            if method == "PATCH" and (m := re.fullmatch(r"/api/dm/views/(\d+)/", path)):
+                view = self.views.get(int(m.group(1)))
+                if view is None:
+                    return self._reply(handler, 404, {"detail": "Not found."})
+                view["data"] = dict(body.get("data") or {})
+                return self._reply(handler, 200, view)
         return self._reply(handler, 404, {"detail": "Not found."})
 
     def _list_tasks(self, handler, query: dict) -> None:

@@ -105,6 +105,7 @@ def test_brush_masks_equal_gem_model_regions(app):
     assert set(got) == {r.label for r in expected.regions}
     for region in expected.regions:
         assert np.array_equal(got[region.label], region.mask)
+    assert model.settings.task_score == ("regions",)     # the task score's default: the regions' confidence
     assert prediction["score"] == pytest.approx(expected.score, abs=1e-3)
 
 
