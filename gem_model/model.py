@@ -252,7 +252,8 @@ class GemModel(nn.Module):
         """dtype of the residual streams (x, GEM's g) and of the norms.
 
         The weights' dtype, except bf16 on CPU: there the streams and LayerNorms stay fp32 and
-        only the matrix products and attention run in bf16 (weights stored in bf16). Rounding
+        only the matrix products and attention run in bf16 (their weight matrices stored in bf16,
+        the rest fp32: `_fp32_kept`). Rounding
         the residual stream to bf16 at every block moved the best prompt of ~1.7% of pixels;
         the fp32 stream costs a cast per product input (docs/PERFORMANCE.md, "bf16 on CPU").
         """
@@ -528,9 +529,10 @@ class GemModel(nn.Module):
 
         The text embeddings are part of the similarity, which stays fp32: with the text tower in
         bf16 (cosine 0.99992 to fp32) the best prompt of 0.6-1.9% of pixels changed on the
-        benchmark scenes, against 0.1-0.3% for the bf16 image path alone. A new prompt is rare
-        (embeddings are cached), so its weights are widened for that one call, ~126 MB more for
-        its duration on ViT-B/16, instead of being stored in fp32.
+        benchmark scenes, against 0.1-0.3% for the bf16 image path alone. On the CPU bf16 road
+        the text tower is stored in fp32 (`_fp32_kept`) and this is empty; on a GPU in bf16 or
+        fp16 the weights are widened for the call (a new prompt is rare: embeddings are cached),
+        which computes in fp32 but cannot undo their rounding.
         """
         if self.dtype == torch.float32:
             return {}
