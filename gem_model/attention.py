@@ -22,9 +22,9 @@ without AMX (measured: 36 heads at 785 tokens, 74 ms in bf16 against 59 ms in fp
 matrix products run ~2.6x faster than fp32 on CPUs with AVX512-BF16. So the attention is computed
 explicitly, softmax(scale q k^T) v, a few heads at a time: each chunk's score matrices stay within
 ~3 MiB (L2/L3), the two products go to oneDNN's bf16 GEMM, the softmax reads and writes bf16
-(accumulating in fp32 inside). 30 ms for the same 36 heads. In GEM's final product the three
-paths of one head share the values v, so (P_q v + P_k v + P_v v) / 3 is computed as
-((P_q + P_k + P_v) / 3) v: one product with v instead of three (docs/PERFORMANCE.md, "bf16 on CPU").
+(accumulating in fp32 inside). 30 ms for the same 36 heads at one thread. In GEM's final product
+the three paths share the values v (laid out once, three times over), and the softmax's row sums
+come out of the value product itself (docs/PERFORMANCE.md, "bf16 on CPU").
 """
 from __future__ import annotations
 
@@ -242,6 +242,8 @@ def _self_self_attention_lowp(z: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
         gem = out.unflatten(2, (3, heads)).mean(dim=2).flatten(2)            # Eq. 6, [1, N, H*d]
         own = attend(q[i:i + 1], k[i:i + 1], v[i:i + 1]).flatten(2) if original else None
         images.append((gem, own))
+    if len(images) == 1:                      # no copy (one operator less per block)
+        return images[0]
     gem = torch.cat([g for g, _ in images])
     return gem, (torch.cat([o for _, o in images]) if original else None)
 
