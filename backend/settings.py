@@ -174,8 +174,8 @@ class Settings:
     device: str = knob("GEM_DEVICE", "auto", "`auto` (cuda if available, else cpu), `cpu`, `cuda`, `cuda:N`",
                        parse=_device, group="Model")
     precision: str = knob("GEM_PRECISION", "fp32",
-                          "`fp32`, `bf16` (GPUs, and CPUs with native bf16: AVX512-BF16/AMX, ~0.55x the fp32 "
-                          "CPU time with GEM_TORCH_THREADS=1; refused on other CPUs), `fp16` (GPUs) or `auto` "
+                          "`fp32`, `bf16` (GPUs, and CPUs with native bf16: AVX512-BF16/AMX, ~0.4x the fp32 "
+                          "time with GEM_TORCH_THREADS=1; refused on other CPUs), `fp16` (GPUs) or `auto` "
                           "(bf16 where native, "
                           "else fp32); `--check` says what this machine has. docs/PERFORMANCE.md",
                           parse=_choice(PRECISIONS), group="Model")

@@ -65,7 +65,7 @@ def summarize(prof, label: str, top: int, device: torch.device) -> None:
 BREAKDOWN = (
     ("interpolation", ("upsample", "interpolate")),      # before "linear": upsample_bilinear2d
     ("attention: SDPA kernel", ("scaled_dot_product", "flash_attention")),
-    ("attention: score and value products (bmm)", ("bmm", "baddbmm")),
+    ("attention: SDPA-free products (bmm)", ("bmm", "baddbmm")),
     ("attention: softmax / exp / row sums", ("softmax", "aten::exp", "aten::sum")),
     ("linear layers (qkv, out, MLP, proj)", ("addmm", "aten::mm", "linear", "matmul")),
     ("patch embedding (conv)", ("convolution",)),
@@ -78,17 +78,43 @@ BREAKDOWN = (
 )
 
 
+# Inside the CPU bf16 road's chunked attention (gem_model.attention.ATTENTION_LABEL), by operator.
+IN_ATTENTION = (
+    ("attention: score and value products (bf16 GEMM)", ("bmm", "matmul", "mm")),
+    ("attention: exp / softmax", ("exp", "softmax")),
+    ("attention: normalisation (output / row sums)", ("div",)),
+)
+
+
+def _in_attention(event) -> bool:
+    from gem_model.attention import ATTENTION_LABEL
+
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name == ATTENTION_LABEL:
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
 def breakdown(prof, label: str) -> float:
-    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    events = [e for e in prof.events() if e.self_cpu_time_total > 0]
     total = sum(e.self_cpu_time_total for e in events)
     kinds: dict[str, float] = {}
+    counts: dict[str, int] = {}
     for e in events:
-        kind = next((k for k, needles in BREAKDOWN if any(n in e.key for n in needles)), "other element-wise (add, mul, ...)")
+        if _in_attention(e):
+            kind = next((k for k, needles in IN_ATTENTION if any(n in e.name for n in needles)),
+                        "attention: other (copies, bias)")
+        else:
+            kind = next((k for k, needles in BREAKDOWN if any(n in e.name for n in needles)),
+                        "other element-wise (add, mul, ...)")
         kinds[kind] = kinds.get(kind, 0.0) + e.self_cpu_time_total
-    print(f"\n{label}: {total / 1e3:.0f} ms of operator self time")
-    print("| kind | ms | share |\n|---|---:|---:|")
+        counts[kind] = counts.get(kind, 0) + 1
+    print(f"\n{label}: {total / 1e3:.0f} ms of operator self time, {len(events)} operator calls")
+    print("| kind | calls | ms | share |\n|---|---:|---:|---:|")
     for kind, t in sorted(kinds.items(), key=lambda kv: -kv[1]):
-        print(f"| {kind} | {t / 1e3:.0f} | {t / total:.0%} |")
+        print(f"| {kind} | {counts[kind]} | {t / 1e3:.0f} | {t / total:.0%} |")
     return total
 
 

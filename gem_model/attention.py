@@ -22,9 +22,9 @@ without AMX (measured: 36 heads at 785 tokens, 74 ms in bf16 against 59 ms in fp
 matrix products run ~2.6x faster than fp32 on CPUs with AVX512-BF16. So the attention is computed
 explicitly, softmax(scale q k^T) v, a few heads at a time: each chunk's score matrices stay within
 ~3 MiB (L2/L3), the two products go to oneDNN's bf16 GEMM, the softmax reads and writes bf16
-(accumulating in fp32 inside). 30 ms for the same 36 heads. In GEM's final product the three
-paths of one head share the values v, so (P_q v + P_k v + P_v v) / 3 is computed as
-((P_q + P_k + P_v) / 3) v: one product with v instead of three (docs/PERFORMANCE.md, "bf16 on CPU").
+(accumulating in fp32 inside). 30 ms for the same 36 heads at one thread. In GEM's final product
+the three paths share the values v (laid out once, three times over), and the softmax's row sums
+come out of the value product itself (docs/PERFORMANCE.md, "bf16 on CPU").
 """
 from __future__ import annotations
 
@@ -61,10 +61,16 @@ def _temperature_tensor(temperature: Union[float, torch.Tensor], batch: int,
     return t
 
 
-# Score bytes the CPU bf16 path materialises at once: two heads of one 448x448 image (785 tokens,
-# 2.4 MB) measured fastest (1 head: 34 ms, 2: 30 ms, 4: 35 ms, 8: 128 ms for 36 heads), i.e. as
-# long as a chunk's scores stay in cache.
+# Score bytes the CPU bf16 path materialises at once at one torch thread: two heads of one 448x448
+# image (785 tokens, 2.4 MB) measured fastest (1 head: 34 ms, 2: 30 ms, 4: 35 ms, 8: 128 ms for 36
+# heads), i.e. as long as a chunk's scores stay in cache.
 CPU_SCORE_BYTES = 3 * 2**20
+# At 2+ threads: the whole call in one chunk up to this (36 heads at 785 tokens: 44 MB). Each
+# operator is an OpenMP parallel region that ends when every thread has run its share; on a host
+# busier than its cores a descheduled thread makes each region wait ~10-20 ms (measured: 100 tiny
+# exp calls, 23 ms at 1 thread, 1.4 s at 2 threads under a load of 17 on 2 cores), so at 2+
+# threads fewer, larger operators win over cache-sized ones (docs/PERFORMANCE.md, "bf16 on CPU").
+CPU_SCORE_BYTES_THREADED = 64 * 2**20
 
 
 def lowp_cpu(x: torch.Tensor) -> bool:
@@ -72,9 +78,14 @@ def lowp_cpu(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype == torch.bfloat16
 
 
-def _heads_per_chunk(batch: int, n_query: int, n_key: int, element_size: int, heads: int) -> int:
+def _heads_per_chunk(batch: int, n_query: int, n_key: int, element_size: int, heads: int,
+                     threads: Optional[int] = None) -> int:
+    """Heads whose scores are materialised at once: a cache-sized chunk at one torch thread
+    (`CPU_SCORE_BYTES`), as few chunks as `CPU_SCORE_BYTES_THREADED` allows at more."""
+    threads = threads or torch.get_num_threads()
+    budget = CPU_SCORE_BYTES if threads <= 1 else CPU_SCORE_BYTES_THREADED
     per_head = batch * n_query * n_key * element_size
-    return max(1, min(heads, CPU_SCORE_BYTES // max(per_head, 1)))
+    return max(1, min(heads, budget // max(per_head, 1)))
 
 
 # exp(80) ~ 5.5e34: with scores at most this, unnormalised exp(scores) and their row sums over
@@ -82,39 +93,74 @@ def _heads_per_chunk(batch: int, n_query: int, n_key: int, element_size: int, he
 _EXP_SAFE_BOUND = 80.0
 
 
+def _heads_major(x: torch.Tensor, scale: float = 1.0, extra_ones: bool = False, repeat: int = 1) -> torch.Tensor:
+    """[B, N, heads, d] (any strides) -> a contiguous [B, repeat * heads, N, d] copy (the heads
+    `repeat` times over), times `scale`, in one pass; extra_ones: a last column of ones,
+    [..., d + 1] (see `_chunked_attention`)."""
+    b, n, heads, d = x.shape
+    out = x.new_empty(b, repeat, heads, n, d + 1 if extra_ones else d)
+    body = out[..., :d] if extra_ones else out
+    src = x.transpose(1, 2).unsqueeze(1).expand(b, repeat, heads, n, d)
+    if scale != 1.0:
+        torch.mul(src, scale, out=body)
+    else:
+        body.copy_(src)
+    if extra_ones:
+        out[..., d] = 1
+    return out.flatten(1, 2)
+
+
 def _chunked_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
                        bias: Optional[torch.Tensor] = None,
                        score_bound: Optional[float] = None) -> torch.Tensor:
     """softmax(scale * query key^T + bias) value, explicitly, a few heads at a time.
 
-    query, key: [B, N, heads, d]; value: [B, N, heads, dv]; bias: [N, N] or None.
+    query, key: [B, N, heads, d]; value: [B, N, heads / r, dv], its heads shared by r groups of
+    query heads (GEM's three paths share v); bias: [N, N] or None.
     score_bound: a known upper bound of every score (GEM's self-self scores t cos <= t). Up to
     `_EXP_SAFE_BOUND` the softmax's max pass is skipped: the output is exp(S) v / rowsum(exp(S)),
-    the division applied to the [N, dv] output instead of the [N, N] weights.
-    Returns [B, N, heads, dv], contiguous.
+    and the row sums come out of the same product as a last column of v made of ones
+    (exp(S) [v | 1] = [exp(S) v | rowsum], accumulated in fp32 by the GEMM), so the [N, N]
+    weights are read once, by the product.
+    Returns [B, N, heads, dv] (a heads-major tensor seen tokens-major: not contiguous).
+
+    Every operator here is one OpenMP parallel region; q, k, v are laid out heads-major once (one
+    copy each) so that a chunk is a contiguous slice, and per chunk there are four operators (two
+    GEMMs, exp, the division) writing into the output in place. Fewer operators matter at 2+
+    threads on a busy host, where each region waits for every thread to be scheduled
+    (docs/PERFORMANCE.md, "bf16 on CPU").
     """
     b, n, heads, _ = query.shape
-    out = query.new_empty(b, n, heads, value.shape[-1])
-    step = _heads_per_chunk(b, n, key.shape[1], query.element_size(), heads)
+    dv = value.shape[-1]
+    if heads % value.shape[2]:
+        raise ValueError(f"{heads} query heads cannot share {value.shape[2]} value heads")
     unnormalised = bias is None and score_bound is not None and score_bound <= _EXP_SAFE_BOUND
+    q = _heads_major(query, scale)                                            # [B, heads, N, d]
+    k = _heads_major(key) if key is not query or scale != 1.0 else q
+    v = _heads_major(value, extra_ones=unnormalised, repeat=heads // value.shape[2])  # [B, heads, N, dv(+1)]
+    out = value.new_empty(b, heads, n, dv)
+    step = _heads_per_chunk(b, n, key.shape[1], query.element_size(), heads)
+    with torch.profiler.record_function(ATTENTION_LABEL):     # bench/profile_gem.py --breakdown
+        _chunk_loop(q, k, v, out, bias, unnormalised, dv, step)
+    return out.transpose(1, 2)
+
+
+# The profiler label of the chunked products (free when no profiler runs).
+ATTENTION_LABEL = "gem::bf16_attention_chunks"
+
+
+def _chunk_loop(q, k, v, out, bias, unnormalised, dv, step):
+    heads = q.shape[1]
     for start in range(0, heads, step):
         chunk = slice(start, start + step)
-        # Contiguous copies (small: [B, h, N, d]): oneDNN's bf16 GEMM does not take these strided
-        # batches, and torch falls back to a loop that is several times slower.
-        q = query[:, :, chunk].transpose(1, 2)                                # [B, h, N, d]
-        q = q * scale if scale != 1.0 else q.contiguous()
-        k = key[:, :, chunk].transpose(1, 2).contiguous()
-        v = value[:, :, chunk].transpose(1, 2).contiguous()
-        scores = torch.matmul(q, k.transpose(-1, -2))                         # [B, h, N, N]
+        scores = torch.matmul(q[:, chunk], k[:, chunk].transpose(-1, -2))    # [B, h, N, N]
         if unnormalised:
-            weights = scores.exp_()
-            o = torch.matmul(weights, v) / weights.sum(dim=-1, keepdim=True)  # [B, h, N, dv]
+            o = torch.matmul(scores.exp_(), v[:, chunk])                     # [B, h, N, dv + 1]
+            torch.div(o[..., :dv], o[..., dv:], out=out[:, chunk])
         else:
             if bias is not None:
                 scores += bias
-            o = torch.matmul(torch.softmax(scores, dim=-1), v)
-        out[:, :, chunk] = o.transpose(1, 2)
-    return out
+            torch.matmul(torch.softmax(scores, dim=-1), v[:, chunk], out=out[:, chunk])
 
 
 def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -192,11 +238,12 @@ def _self_self_attention_lowp(z: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
             zn = l2_normalize(zi)
             zi = _chunked_attention(zn, zn, zn, ti, score_bound=ti)
         zn = l2_normalize(zi)
-        values = v[i:i + 1].repeat(1, 1, 3, 1)                               # [1, N, 3H, d]
-        out = _chunked_attention(zn, zn, values, ti, score_bound=ti)         # Eq. 5
+        out = _chunked_attention(zn, zn, v[i:i + 1], ti, score_bound=ti)     # Eq. 5 (3 paths share v)
         gem = out.unflatten(2, (3, heads)).mean(dim=2).flatten(2)            # Eq. 6, [1, N, H*d]
         own = attend(q[i:i + 1], k[i:i + 1], v[i:i + 1]).flatten(2) if original else None
         images.append((gem, own))
+    if len(images) == 1:                      # no copy (one operator less per block)
+        return images[0]
     gem = torch.cat([g for g, _ in images])
     return gem, (torch.cat([o for _, o in images]) if original else None)
 

@@ -252,7 +252,8 @@ class GemModel(nn.Module):
         """dtype of the residual streams (x, GEM's g) and of the norms.
 
         The weights' dtype, except bf16 on CPU: there the streams and LayerNorms stay fp32 and
-        only the matrix products and attention run in bf16 (weights stored in bf16). Rounding
+        only the matrix products and attention run in bf16 (their weight matrices stored in bf16,
+        the rest fp32: `_fp32_kept`). Rounding
         the residual stream to bf16 at every block moved the best prompt of ~1.7% of pixels;
         the fp32 stream costs a cast per product input (docs/PERFORMANCE.md, "bf16 on CPU").
         """
@@ -270,7 +271,32 @@ class GemModel(nn.Module):
         self._pos_cache = {}
         with self._text_lock:
             self._text_cache.clear()
-        return super()._apply(fn, *args, **kwargs)
+        before = {name: t.detach() for name, t in self._fp32_kept() if t.dtype == torch.float32}
+        out = super()._apply(fn, *args, **kwargs)
+        if lowp_cpu(self.visual.conv1.weight):
+            for name, t in self._fp32_kept():
+                if name in before and t.dtype != torch.float32:
+                    t.data = before[name].to(t.device)
+        return out
+
+    def _fp32_kept(self) -> list[tuple[str, torch.Tensor]]:
+        """The parameters and buffers that stay fp32 when the model is made bf16 on CPU: the whole
+        text tower, and the image tower's LayerNorms, class and positional embeddings and final
+        projection. Only the matrices of the image tower's products (and their biases) are bf16.
+
+        Rounding the stored weights, not the bf16 arithmetic, is what moves the maps: an fp32
+        model holding bf16-rounded copies of all weights changed the masks as much as the bf16
+        model (per-mask IoU 0.962 mean, min 0.766 on the benchmark scenes), and the text tower's
+        and the small tensors' rounding were most of it; with these kept the masks' IoU is 0.99+
+        (docs/PERFORMANCE.md, "bf16 on CPU"). They cost ~126 MB more than bf16 on ViT-B/16 (the
+        text tower), and save the widening copy of the text tower that each new prompt paid.
+        """
+        visual = self.visual
+        norms = {f"visual.{name}" for name, m in visual.named_modules() if isinstance(m, nn.LayerNorm)}
+        small = {"visual.positional_embedding", "visual.class_embedding", "visual.proj"}
+        named = list(self.clip.named_parameters()) + list(self.clip.named_buffers())
+        return [(name, t) for name, t in named if t.is_floating_point()
+                and (not name.startswith("visual.") or name in small or name.rpartition(".")[0] in norms)]
 
     def set_sliding_window(self, crop: int = 0, stride: int = 0) -> None:
         """Encode images in crop x crop windows every `stride` pixels (0 = off; stride 0 = crop)."""
@@ -503,9 +529,10 @@ class GemModel(nn.Module):
 
         The text embeddings are part of the similarity, which stays fp32: with the text tower in
         bf16 (cosine 0.99992 to fp32) the best prompt of 0.6-1.9% of pixels changed on the
-        benchmark scenes, against 0.1-0.3% for the bf16 image path alone. A new prompt is rare
-        (embeddings are cached), so its weights are widened for that one call, ~126 MB more for
-        its duration on ViT-B/16, instead of being stored in fp32.
+        benchmark scenes, against 0.1-0.3% for the bf16 image path alone. On the CPU bf16 road
+        the text tower is stored in fp32 (`_fp32_kept`) and this is empty; on a GPU in bf16 or
+        fp16 the weights are widened for the call (a new prompt is rare: embeddings are cached),
+        which computes in fp32 but cannot undo their rounding.
         """
         if self.dtype == torch.float32:
             return {}

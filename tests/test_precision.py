@@ -43,8 +43,9 @@ def _images(seed=0, batch=2, size=(64, 96)):
 
 @pytest.mark.parametrize("heads,n", [(3, 17), (8, 50)])
 def test_chunked_attention_matches_float64_softmax(heads, n, monkeypatch):
-    # Tiny budget: several chunks, so that chunk boundaries are exercised too.
+    # Tiny budget: several chunks, so that chunk boundaries are exercised too (at any thread count).
     monkeypatch.setattr("gem_model.attention.CPU_SCORE_BYTES", 2 * n * n * 2)
+    monkeypatch.setattr("gem_model.attention.CPU_SCORE_BYTES_THREADED", 2 * n * n * 2)
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, n, heads, 16) for _ in range(3))
     reference = torch.softmax(torch.einsum("bnhd,bmhd->bhnm", q.double() * 0.25, k.double()), -1)
@@ -52,6 +53,39 @@ def test_chunked_attention_matches_float64_softmax(heads, n, monkeypatch):
     out = _chunked_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), 0.25)
     assert out.dtype == torch.bfloat16 and out.shape == v.shape
     assert (out.double() - reference).abs().max() < 0.03      # bf16 inputs: 2^-8 relative
+
+
+def test_chunks_are_cache_sized_at_one_thread_and_whole_calls_at_more():
+    from gem_model.attention import CPU_SCORE_BYTES, _heads_per_chunk
+
+    per_head = 785 * 785 * 2                      # one 448x448 image's scores in bf16
+    one = _heads_per_chunk(1, 785, 785, 2, 36, threads=1)
+    assert one == CPU_SCORE_BYTES // per_head and 1 <= one < 36
+    assert _heads_per_chunk(1, 785, 785, 2, 36, threads=2) == 36      # one chunk: fewer operators
+    assert _heads_per_chunk(1, 785, 785, 2, 36, threads=4) == 36
+    assert _heads_per_chunk(4, 2000, 2000, 2, 36, threads=2) < 36      # still bounded in memory
+    assert _heads_per_chunk(1, 5000, 5000, 2, 36, threads=1) == 1      # never zero
+
+
+@pytest.mark.parametrize("threads_budget", ["small", "large"])
+def test_unnormalised_road_with_shared_values_matches_float64(threads_budget, monkeypatch):
+    """GEM's final product: 3 paths x H heads of scores share the H heads of v; the row sums come
+    out of the value product (a column of ones)."""
+    n, heads, d = 23, 4, 16
+    if threads_budget == "small":
+        monkeypatch.setattr("gem_model.attention.CPU_SCORE_BYTES", 2 * n * n * 2)
+        monkeypatch.setattr("gem_model.attention.CPU_SCORE_BYTES_THREADED", 2 * n * n * 2)
+    torch.manual_seed(3)
+    zn = F.normalize(torch.randn(1, n, 3 * heads, d), dim=-1)
+    v = torch.randn(1, n, heads, d)
+    t = 6.0
+    scores = torch.einsum("bnhd,bmhd->bhnm", zn.double() * t, zn.double())
+    reference = torch.einsum("bhnm,bmhd->bnhd", torch.softmax(scores, -1), v.double().repeat(1, 1, 3, 1))
+    out = _chunked_attention(zn.bfloat16(), zn.bfloat16(), v.bfloat16(), t, score_bound=t)
+    assert out.shape == (1, n, 3 * heads, d) and out.dtype == torch.bfloat16
+    assert (out.double() - reference).abs().max() < 0.03
+    with pytest.raises(ValueError):
+        _chunked_attention(zn.bfloat16(), zn.bfloat16(), torch.randn(1, n, 5, d).bfloat16(), t)
 
 
 def test_unnormalised_softmax_equals_softmax_under_the_bound():
@@ -101,17 +135,37 @@ def test_bf16_keeps_streams_similarity_and_text_in_fp32(tiny_model_files):
     fp32, bf16 = _models(tiny_model_files)
     assert bf16.dtype == torch.bfloat16 and bf16.stream_dtype == torch.float32
     assert fp32.stream_dtype == torch.float32
-    assert all(p.dtype == torch.bfloat16 for p in bf16.clip.parameters())    # weights stored in bf16
     features = bf16.encode_image(_images(batch=1))
     assert features.gem.dtype == torch.float32
     text = bf16.encode_text(PROMPTS)
     assert text.dtype == torch.float32
     assert bf16.similarity(features, PROMPTS).dtype == torch.float32
-    # The text tower is computed in fp32 from the bf16-stored weights: the same as an fp32 model
-    # holding those rounded weights, not as a bf16 computation.
-    rounded = GemModel(copy.deepcopy(bf16.clip).float(), bf16.tokenizer).eval()
-    assert (text - rounded.encode_text(PROMPTS)).abs().max() < 1e-5
-    assert all(p.dtype == torch.bfloat16 for p in bf16.clip.parameters())    # and left as they were
+    # The text tower is stored in fp32, untouched: the same embeddings as the fp32 model's.
+    assert (text - fp32.encode_text(PROMPTS)).abs().max() < 1e-6
+
+
+def test_bf16_on_cpu_stores_only_the_image_products_in_bf16(tiny_model_files):
+    """The matrices of the image tower's products (and their biases) are bf16; the text tower,
+    the LayerNorms, the class and positional embeddings and the projection keep their fp32
+    values exactly (their rounding, not the arithmetic, was what moved the masks)."""
+    fp32, bf16 = _models(tiny_model_files)
+    reference = dict(fp32.clip.named_parameters())
+    low = {name for name, p in bf16.clip.named_parameters() if p.dtype == torch.bfloat16}
+    assert "visual.conv1.weight" in low
+    assert any(name.endswith("attn.in_proj_weight") for name in low)
+    assert any(name.endswith("mlp.c_fc.weight") for name in low)
+    assert all(name.startswith("visual.") and "ln_" not in name for name in low)
+    for name, p in bf16.clip.named_parameters():
+        if name not in low:
+            assert p.dtype == torch.float32 and torch.equal(p, reference[name]), name
+    for name in ("visual.proj", "visual.positional_embedding", "visual.class_embedding", "visual.ln_post.weight",
+                 "token_embedding.weight", "text_projection"):
+        assert name not in low, name
+    # Back to fp32 and to bf16 again: the kept tensors were never rounded.
+    again = bf16.float().to(torch.bfloat16)
+    assert torch.equal(dict(again.clip.named_parameters())["visual.proj"], reference["visual.proj"])
+    # GemModel's own tensors follow the road: an fp32 model stays all fp32.
+    assert all(p.dtype == torch.float32 for p in fp32.clip.parameters())
 
 
 def test_fp32_path_is_untouched_by_the_bf16_road(tiny_model_files, monkeypatch):
