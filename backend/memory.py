@@ -92,6 +92,37 @@ _MALLOPT = {"MALLOC_MMAP_THRESHOLD_": M_MMAP_THRESHOLD, "MALLOC_TRIM_THRESHOLD_"
             "MALLOC_ARENA_MAX": M_ARENA_MAX}
 
 
+def allocator_environment(environ=os.environ) -> dict[str, str]:
+    """The MALLOC_* variables a child process should start with: ALLOCATOR_DEFAULTS, except where
+    `environ` sets one (that value is kept). For processes this code does not start itself (Ray
+    workers): glibc reads them before the first malloc, so they cover everything the process does."""
+    return {name: environ.get(name, "").strip() or str(value) for name, value in ALLOCATOR_DEFAULTS.items()}
+
+
+def mmap_threshold_is_fixed(size: int = 16 << 20) -> Optional[bool]:
+    """Whether a block of `size` bytes is still mapped on its own after one of that size was freed
+    (a fixed mmap threshold below `size`), or comes from the heap (glibc's dynamic threshold, raised
+    by the free). A probe of what the process actually runs with, wherever the setting came from;
+    None off glibc. It frees what it allocates; an untuned process has its threshold raised to `size`.
+    `size` is above the trim threshold, and below the dynamic threshold's ceiling (32 MiB): free
+    space kept at the top of a heap is used before any new mapping, whatever the threshold."""
+    libc = _glibc()
+    if libc is None or not hasattr(libc, "mallinfo2"):
+        return None
+    libc.malloc.restype = ctypes.c_void_p
+    libc.malloc.argtypes = [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    mapped = []
+    for _ in range(2):
+        before = malloc_stats()["mmapped"]
+        block = libc.malloc(size)
+        if not block:
+            return None
+        mapped.append(malloc_stats()["mmapped"] - before >= size)
+        libc.free(block)
+    return all(mapped)
+
+
 def tune_allocator(environ=os.environ) -> dict[str, int]:
     """Apply ALLOCATOR_DEFAULTS through mallopt() for each one the environment does not set
     (set ones glibc has already applied itself). Returns what was applied; {} off glibc."""

@@ -265,6 +265,13 @@ def predict_body(image_url: str, task_id: int) -> dict:
             "project": "1.1700000000", "params": {"context": None}}
 
 
+def save_partial(args, result: SoakResult) -> None:
+    """After each checkpoint: the samples so far, next to --json (a long soak stopped early keeps them)."""
+    if args.json:
+        path = args.json.with_name(f"{args.json.stem}.{result.path}.partial.json")
+        path.write_text(json.dumps(asdict(result) | {"summary": result.summary()}, indent=1))
+
+
 def soak_http(args, name: str, workdir: Path, photos: PhotoServer, log=print) -> SoakResult:
     env = server_env(args, workdir, name)
     cls = DevServer if name == "dev" else GunicornServer
@@ -293,6 +300,7 @@ def soak_http(args, name: str, workdir: Path, photos: PhotoServer, log=print) ->
                 s = result.samples[-1]
                 log(f"  [{name}] after {i:5d}: RSS {s.rss_gib:.3f} GiB (anon {s.anon_gib}), feature cache {s.feature_cache_mib} MiB, "
                     f"heap free {s.heap_free_mib} MiB, last request {result.request_s[-1]:.2f} s")
+                save_partial(args, result)
     finally:
         server.stop()
         result.wall_s = round(time.monotonic() - started, 1)
