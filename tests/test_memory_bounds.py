@@ -317,3 +317,20 @@ def test_ray_workers_start_with_the_allocator_settings_in_their_environment(monk
                                                      "MALLOC_TRIM_THRESHOLD_": str(4 << 20),
                                                      "MALLOC_ARENA_MAX": "4"}
     assert len(calls) == 2
+
+
+def test_a_soak_stopped_early_keeps_its_samples_and_reports_the_half_it_reached(tmp_path):
+    import argparse
+
+    from bench.soak import Sample, SoakResult, load_results, plot, save_partial
+    result = SoakResult("dev", "vit-b-16", 224, "800x600", 2000, 0, [])
+    for request, rss in [(1, 1.40), (50, 1.44), (200, 1.52), (400, 1.61), (600, 1.63)]:
+        result.samples.append(Sample(request, rss))
+        result.request_s.extend([1.0] * 10)
+        save_partial(argparse.Namespace(json=tmp_path / "soak.json"), result)
+    (loaded,) = load_results([tmp_path / "soak.dev.partial.json"])
+    summary = loaded.summary()
+    assert summary["n"] == 2000 and summary["n_reached"] == 600
+    assert summary["growth_second_half_gib"] == 0.02          # 600 vs 400, the first sample past 300
+    plot([loaded], tmp_path / "soak.png")
+    assert (tmp_path / "soak.png").stat().st_size > 1000
