@@ -451,6 +451,10 @@ def soak_inprocess(args, workdir: Path, photos: PhotoServer, log=print) -> SoakR
             log(f"  [inprocess] after {i:5d}: RSS {s.rss_gib:.3f} GiB (anon {s.anon_gib}), cache {s.feature_cache_mib} MiB, heap "
                 f"in use {s.heap_used_mib} MiB, free {s.heap_free_mib} MiB, mmapped "
                 f"{(stats or {}).get('mmapped', 0) / 2**20:.1f} MiB, python traced {traced:.1f} MiB")
+    import atexit
+    finisher = app.extensions["gem"].finisher
+    finisher.close()   # now, while its MODEL_DIR (a temporary folder) still exists, not at exit
+    atexit.unregister(finisher.close)
     if len(snaps) >= 2:
         a, b = (snaps[k] for k in sorted(snaps)[:2])
         log(f"tracemalloc: top growth between requests {sorted(snaps)[0]} and {sorted(snaps)[1]}")
