@@ -81,7 +81,11 @@ ALLOCATOR_DEFAULTS = {
     # A fixed threshold turns off glibc's dynamic one, which rises to the size of the largest
     # block freed (up to 32 MiB): after the first forward pass every activation tensor (MiBs)
     # then comes from the heap, and the heap keeps growing in the holes they leave.
-    "MALLOC_MMAP_THRESHOLD_": 1 << 20,
+    # 256 KiB, not 1 MiB: at GEM_IMAGE_SIZE=224 a feature-cache entry (0.5 MiB, kept for hundreds
+    # of requests) and a layer's activation (0.8 MiB, freed within the request) are both below
+    # 1 MiB; in the heap they interleave, and the development server kept 165 MiB of freed heap
+    # beside a full cache (ViT-B/16, 800 images; docs/PERFORMANCE.md "Memory over weeks").
+    "MALLOC_MMAP_THRESHOLD_": 256 << 10,
     # Free memory at the top of a heap above this goes back to the kernel at once.
     "MALLOC_TRIM_THRESHOLD_": 4 << 20,
     # Each thread that calls malloc under contention may get its own arena (up to 8 x cores),

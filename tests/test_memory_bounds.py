@@ -255,7 +255,7 @@ def test_the_probe_tells_glibcs_dynamic_threshold_from_the_fixed_one():
 
 def test_child_processes_get_the_defaults_and_keep_what_the_environment_sets():
     env = memory.allocator_environment({"MALLOC_ARENA_MAX": "8", "MALLOC_TRIM_THRESHOLD_": " "})
-    assert env == {"MALLOC_MMAP_THRESHOLD_": str(1 << 20), "MALLOC_TRIM_THRESHOLD_": str(4 << 20),
+    assert env == {"MALLOC_MMAP_THRESHOLD_": str(256 << 10), "MALLOC_TRIM_THRESHOLD_": str(4 << 20),
                    "MALLOC_ARENA_MAX": "8"}
 
 
@@ -313,7 +313,7 @@ def test_ray_workers_start_with_the_allocator_settings_in_their_environment(monk
     prelabel_ray.connect(prelabel_ray.RayOptions(local_cpus=2))
     prelabel_ray.connect(prelabel_ray.RayOptions(address="ray://cluster:10001"))
     for kwargs in calls:
-        assert kwargs["runtime_env"]["env_vars"] == {"MALLOC_MMAP_THRESHOLD_": str(1 << 20),
+        assert kwargs["runtime_env"]["env_vars"] == {"MALLOC_MMAP_THRESHOLD_": str(256 << 10),
                                                      "MALLOC_TRIM_THRESHOLD_": str(4 << 20),
                                                      "MALLOC_ARENA_MAX": "4"}
     assert len(calls) == 2
@@ -334,3 +334,10 @@ def test_a_soak_stopped_early_keeps_its_samples_and_reports_the_half_it_reached(
     assert summary["growth_second_half_gib"] == 0.02          # 600 vs 400, the first sample past 300
     plot([loaded], tmp_path / "soak.png")
     assert (tmp_path / "soak.png").stat().st_size > 1000
+
+
+def test_the_docker_image_sets_what_the_servers_apply():
+    from pathlib import Path
+    dockerfile = (Path(__file__).resolve().parents[1] / "docker" / "Dockerfile").read_text()
+    image = dict(re.findall(r"\b(MALLOC_[A-Z_]+)=(\d+)", dockerfile))
+    assert image == {name: str(value) for name, value in memory.ALLOCATOR_DEFAULTS.items()}
