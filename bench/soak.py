@@ -502,8 +502,8 @@ def plot(results: list[SoakResult], path: Path) -> None:
             draw.line(xy, fill=colour, width=2)
         for x, y in xy:
             draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=colour)
-        label = f"-- {r.path}, input {r.image_size or 'default'} px, {r.reached()} of {r.n}"
-        draw.text((width - right - 260, height - bottom - 20 - 14 * (len(results) - 1 - i)), label, fill=colour)
+        label = f"-- {r.path}, input {r.image_size or 'default'} px, {r.reached()} of {r.n} " + " ".join(r.server_env)
+        draw.text((left + 10, top + 8 + 14 * i), label, fill=colour)
     image.save(path)
 
 
