@@ -81,7 +81,11 @@ ALLOCATOR_DEFAULTS = {
     # A fixed threshold turns off glibc's dynamic one, which rises to the size of the largest
     # block freed (up to 32 MiB): after the first forward pass every activation tensor (MiBs)
     # then comes from the heap, and the heap keeps growing in the holes they leave.
-    "MALLOC_MMAP_THRESHOLD_": 1 << 20,
+    # 256 KiB, not 1 MiB: at GEM_IMAGE_SIZE=224 a feature-cache entry (0.5 MiB, kept for hundreds
+    # of requests) and a layer's activation (0.8 MiB, freed within the request) are both below
+    # 1 MiB; in the heap they interleave, and the development server kept 165 MiB of freed heap
+    # beside a full cache (ViT-B/16, 800 images; docs/PERFORMANCE.md "Memory over weeks").
+    "MALLOC_MMAP_THRESHOLD_": 256 << 10,
     # Free memory at the top of a heap above this goes back to the kernel at once.
     "MALLOC_TRIM_THRESHOLD_": 4 << 20,
     # Each thread that calls malloc under contention may get its own arena (up to 8 x cores),
@@ -90,6 +94,37 @@ ALLOCATOR_DEFAULTS = {
 }
 _MALLOPT = {"MALLOC_MMAP_THRESHOLD_": M_MMAP_THRESHOLD, "MALLOC_TRIM_THRESHOLD_": M_TRIM_THRESHOLD,
             "MALLOC_ARENA_MAX": M_ARENA_MAX}
+
+
+def allocator_environment(environ=os.environ) -> dict[str, str]:
+    """The MALLOC_* variables a child process should start with: ALLOCATOR_DEFAULTS, except where
+    `environ` sets one (that value is kept). For processes this code does not start itself (Ray
+    workers): glibc reads them before the first malloc, so they cover everything the process does."""
+    return {name: environ.get(name, "").strip() or str(value) for name, value in ALLOCATOR_DEFAULTS.items()}
+
+
+def mmap_threshold_is_fixed(size: int = 16 << 20) -> Optional[bool]:
+    """Whether a block of `size` bytes is still mapped on its own after one of that size was freed
+    (a fixed mmap threshold below `size`), or comes from the heap (glibc's dynamic threshold, raised
+    by the free). A probe of what the process actually runs with, wherever the setting came from;
+    None off glibc. It frees what it allocates; an untuned process has its threshold raised to `size`.
+    `size` is above the trim threshold, and below the dynamic threshold's ceiling (32 MiB): free
+    space kept at the top of a heap is used before any new mapping, whatever the threshold."""
+    libc = _glibc()
+    if libc is None or not hasattr(libc, "mallinfo2"):
+        return None
+    libc.malloc.restype = ctypes.c_void_p
+    libc.malloc.argtypes = [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    mapped = []
+    for _ in range(2):
+        before = malloc_stats()["mmapped"]
+        block = libc.malloc(size)
+        if not block:
+            return None
+        mapped.append(malloc_stats()["mmapped"] - before >= size)
+        libc.free(block)
+    return all(mapped)
 
 
 def tune_allocator(environ=os.environ) -> dict[str, int]:

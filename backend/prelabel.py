@@ -25,6 +25,7 @@ import time
 from typing import Any, Iterable, Sequence
 
 from .ls_client import LabelStudioClient, LabelStudioError
+from .memory import tune_allocator
 from .pipeline import PredictionPipeline, compute_model_version, versioned
 from .settings import Settings, SettingsError
 # The stages live in backend/stages.py (shared with the Ray runner); they are named here too, so that
@@ -185,6 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # The same allocator settings as the servers, before the model allocates anything (a run over a
+    # whole project is as long as a server's day): see backend/memory.py. The Ray workers get them
+    # from the job's environment (backend/prelabel_ray.py).
+    tune_allocator()
     logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO").upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.limit is not None and args.limit < 0:

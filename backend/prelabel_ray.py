@@ -36,6 +36,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from .images import FetchedImage, ImageFetcher, ImageFetchError
 from .ls_client import LabelStudioError
+from .memory import allocator_environment, tune_allocator
 from .settings import Settings, SettingsError
 from .stages import (ALREADY_PREDICTED, FOUND_BEFORE_UPLOAD, HELD_ELSEWHERE, PAGE_SIZE, PredictionUploader,
                      PrelabelSummary, RunClaims, iter_task_range, learned_for, predict_tasks, progress_bar,
@@ -351,6 +352,9 @@ class PredictActor:
     def __init__(self, settings: Settings, job: Any):
         from .pipeline import PredictionPipeline, load_predictor
 
+        # Also here: a cluster started by someone else may run this actor in a worker whose
+        # environment lacked them (a no-op for those the environment sets: glibc applied them).
+        tune_allocator()
         started = time.perf_counter()
         self.job = job
         self.fetcher = _PrefetchedImages()
@@ -481,7 +485,11 @@ def connect(options: RayOptions) -> None:
     import gem_model
 
     runtime_env = {"py_modules": [os.path.dirname(backend.__file__), os.path.dirname(gem_model.__file__)],
-                   "excludes": ["__pycache__", "*.pyc"]}
+                   "excludes": ["__pycache__", "*.pyc"],
+                   # The servers' allocator settings (backend/memory.py), in the environment each worker
+                   # process starts with, so that glibc applies them before its first malloc; a value
+                   # the driver's environment sets travels instead.
+                   "env_vars": allocator_environment()}
     kwargs: dict[str, Any] = {"runtime_env": runtime_env, "logging_level": logging.WARNING}
     if options.address:
         ray.init(address=options.address, **kwargs)

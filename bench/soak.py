@@ -194,8 +194,13 @@ class SoakResult:
     load_after: str = ""
     wall_s: float = 0.0
 
+    def reached(self) -> int:
+        """Requests sampled so far: N when the soak ran to its end, less when it was stopped early."""
+        return self.samples[-1].request if self.samples else 0
+
     def growth_second_half_gib(self) -> float | None:
-        half = [s for s in self.samples if s.request >= self.n // 2]
+        """RSS at the last sample less RSS at the first sample of the second half of what was reached."""
+        half = [s for s in self.samples if s.request >= self.reached() // 2]
         if len(half) < 2:
             return None
         return round(half[-1].rss_gib - half[0].rss_gib, 3)
@@ -204,6 +209,7 @@ class SoakResult:
         first, last = self.request_s[:20], self.request_s[-20:]
         return {
             "path": self.path, "model": self.model, "image_size": self.image_size, "n": self.n,
+            "n_reached": self.reached(),
             "rss_gib": {s.request: s.rss_gib for s in self.samples},
             "anon_gib": {s.request: s.anon_gib for s in self.samples},
             "end_rss_gib": self.samples[-1].rss_gib if self.samples else None,
@@ -265,6 +271,13 @@ def predict_body(image_url: str, task_id: int) -> dict:
             "project": "1.1700000000", "params": {"context": None}}
 
 
+def save_partial(args, result: SoakResult) -> None:
+    """After each checkpoint: the samples so far, next to --json (a long soak stopped early keeps them)."""
+    if args.json:
+        path = args.json.with_name(f"{args.json.stem}.{result.path}.partial.json")
+        path.write_text(json.dumps(asdict(result) | {"summary": result.summary()}, indent=1))
+
+
 def soak_http(args, name: str, workdir: Path, photos: PhotoServer, log=print) -> SoakResult:
     env = server_env(args, workdir, name)
     cls = DevServer if name == "dev" else GunicornServer
@@ -293,6 +306,7 @@ def soak_http(args, name: str, workdir: Path, photos: PhotoServer, log=print) ->
                 s = result.samples[-1]
                 log(f"  [{name}] after {i:5d}: RSS {s.rss_gib:.3f} GiB (anon {s.anon_gib}), feature cache {s.feature_cache_mib} MiB, "
                     f"heap free {s.heap_free_mib} MiB, last request {result.request_s[-1]:.2f} s")
+                save_partial(args, result)
     finally:
         server.stop()
         result.wall_s = round(time.monotonic() - started, 1)
@@ -437,6 +451,10 @@ def soak_inprocess(args, workdir: Path, photos: PhotoServer, log=print) -> SoakR
             log(f"  [inprocess] after {i:5d}: RSS {s.rss_gib:.3f} GiB (anon {s.anon_gib}), cache {s.feature_cache_mib} MiB, heap "
                 f"in use {s.heap_used_mib} MiB, free {s.heap_free_mib} MiB, mmapped "
                 f"{(stats or {}).get('mmapped', 0) / 2**20:.1f} MiB, python traced {traced:.1f} MiB")
+    import atexit
+    finisher = app.extensions["gem"].finisher
+    finisher.close()   # now, while its MODEL_DIR (a temporary folder) still exists, not at exit
+    atexit.unregister(finisher.close)
     if len(snaps) >= 2:
         a, b = (snaps[k] for k in sorted(snaps)[:2])
         log(f"tracemalloc: top growth between requests {sorted(snaps)[0]} and {sorted(snaps)[1]}")
@@ -474,8 +492,8 @@ def plot(results: list[SoakResult], path: Path) -> None:
         draw.text((sx(x) - 10, height - bottom + 6), f"{int(x)}", fill="black")
     colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
     r0 = results[0]
-    draw.text((left, 8), f"RSS (GiB) per request: {r0.model}, input {r0.image_size or 'default'} px, photos "
-                         f"{r0.photo}, N {r0.n}", fill="black")
+    draw.text((left, 8), f"RSS (GiB) per request: {r0.model}, photos {r0.photo}, one request after another",
+              fill="black")
     draw.text((width // 2 - 60, height - 20), "requests (distinct images)", fill="black")
     for i, r in enumerate(results):
         colour = colours[i % len(colours)]
@@ -484,8 +502,21 @@ def plot(results: list[SoakResult], path: Path) -> None:
             draw.line(xy, fill=colour, width=2)
         for x, y in xy:
             draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=colour)
-        draw.text((width - right - 150, top + 8 + 14 * i), f"-- {r.path}", fill=colour)
+        label = f"-- {r.path}, input {r.image_size or 'default'} px, {r.reached()} of {r.n} " + " ".join(r.server_env)
+        draw.text((left + 10, top + 8 + 14 * i), label, fill=colour)
     image.save(path)
+
+
+def load_results(paths: list[Path]) -> list[SoakResult]:
+    """Results written by --json (a list) or by a checkpoint (one result, `.partial.json`)."""
+    results = []
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        for item in data if isinstance(data, list) else [data]:
+            item = {k: v for k, v in item.items() if k != "summary"}
+            item["samples"] = [Sample(**s) for s in item["samples"]]
+            results.append(SoakResult(**item))
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -507,7 +538,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-hours", type=float, default=12.0, help="background: give up after this long")
     parser.add_argument("--json", type=Path, default=None, help="write the samples here")
     parser.add_argument("--png", type=Path, default=None, help="save the RSS curve here")
+    parser.add_argument("--replot", type=Path, nargs="+", default=None,
+                        help="no soak: draw --png from these --json or .partial.json files and print their summaries")
     args = parser.parse_args(argv)
+    if args.replot:
+        results = load_results(args.replot)
+        for r in results:
+            print(json.dumps(r.summary()))
+        if args.png:
+            plot(results, args.png)
+        return 0
     args.broken_every = int(round(1 / args.broken)) if args.broken > 0 else 0
     args.photo_wh = tuple(int(v) for v in args.photo_size.lower().split("x"))
     args.tracemalloc = [int(v) for v in args.tracemalloc.split(",") if v.strip()]

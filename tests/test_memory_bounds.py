@@ -223,3 +223,121 @@ def test_soak_samples_where_the_issue_asks_and_mixes_the_broken_kinds():
     kinds = [image_bytes(i, 80, 60, broken_every=10)[1] for i in range(60)]
     assert kinds.count("ok") == 54 and set(kinds) - {"ok"} == set(BROKEN_KINDS)
     assert image_bytes(0, 80, 60, 10)[0] != image_bytes(1, 80, 60, 10)[0]     # distinct images
+
+
+# ---------------------------------------------------------------------------------------------
+# The pre-labelling command and its Ray workers run with the servers' allocator settings
+
+
+def _fresh_python(code: str, env: dict | None = None) -> str:
+    """stdout of `code` in a new interpreter whose environment sets no MALLOC_* (unless `env` does)."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    base = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=Path(__file__).resolve().parents[1],
+                          env={**base, **(env or {})}, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+PROBE_ONLY = "from backend import memory\nprint('fixed', memory.mmap_threshold_is_fixed())\n"
+
+
+@pytest.mark.skipif(memory.malloc_stats() is None, reason="glibc >= 2.33 only")
+def test_the_probe_tells_glibcs_dynamic_threshold_from_the_fixed_one():
+    assert "fixed False" in _fresh_python(PROBE_ONLY)          # glibc as it starts
+    assert "fixed True" in _fresh_python(PROBE_ONLY, memory.allocator_environment({}))
+
+
+def test_child_processes_get_the_defaults_and_keep_what_the_environment_sets():
+    env = memory.allocator_environment({"MALLOC_ARENA_MAX": "8", "MALLOC_TRIM_THRESHOLD_": " "})
+    assert env == {"MALLOC_MMAP_THRESHOLD_": str(256 << 10), "MALLOC_TRIM_THRESHOLD_": str(4 << 20),
+                   "MALLOC_ARENA_MAX": "8"}
+
+
+@pytest.mark.skipif(memory.malloc_stats() is None, reason="glibc >= 2.33 only")
+def test_prelabel_command_tunes_the_allocator_before_the_run_allocates():
+    out = _fresh_python("""
+        import backend.prelabel as prelabel
+        from backend import memory
+
+        def probe(*args, **kwargs):          # where the model would load and the run begin
+            print("fixed", memory.mmap_threshold_is_fixed())
+            raise KeyboardInterrupt
+        prelabel.run_prelabel = probe
+        print("exit", prelabel.main(["--project", "1", "--no-progress"]))
+    """)
+    assert "fixed True" in out and "exit 130" in out
+
+
+@pytest.mark.skipif(memory.malloc_stats() is None, reason="glibc >= 2.33 only")
+def test_ray_model_actor_tunes_the_allocator_before_loading_the_model():
+    out = _fresh_python("""
+        import backend.pipeline
+        from backend import memory
+        from backend.prelabel_ray import PredictActor
+        from backend.settings import Settings
+
+        def probe(settings):                 # where the actor would load its model
+            print("fixed", memory.mmap_threshold_is_fixed())
+            raise RuntimeError("probed")
+        backend.pipeline.load_predictor = probe
+        try:
+            PredictActor(Settings(), job=None)
+        except RuntimeError as exc:
+            print(exc)
+    """)
+    assert "fixed True" in out and "probed" in out
+
+
+def test_ray_workers_start_with_the_allocator_settings_in_their_environment(monkeypatch):
+    import sys
+    import types
+
+    from backend import prelabel_ray
+
+    calls = []
+    fake_ray = types.ModuleType("ray")
+    fake_ray.init = lambda **kwargs: calls.append(kwargs)
+    fake_ray.data = types.ModuleType("ray.data")
+    monkeypatch.setitem(sys.modules, "ray", fake_ray)
+    monkeypatch.setitem(sys.modules, "ray.data", fake_ray.data)
+    for name in memory.ALLOCATOR_DEFAULTS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")          # the user's value travels instead of the default
+
+    prelabel_ray.connect(prelabel_ray.RayOptions(local_cpus=2))
+    prelabel_ray.connect(prelabel_ray.RayOptions(address="ray://cluster:10001"))
+    for kwargs in calls:
+        assert kwargs["runtime_env"]["env_vars"] == {"MALLOC_MMAP_THRESHOLD_": str(256 << 10),
+                                                     "MALLOC_TRIM_THRESHOLD_": str(4 << 20),
+                                                     "MALLOC_ARENA_MAX": "4"}
+    assert len(calls) == 2
+
+
+def test_a_soak_stopped_early_keeps_its_samples_and_reports_the_half_it_reached(tmp_path):
+    import argparse
+
+    from bench.soak import Sample, SoakResult, load_results, plot, save_partial
+    result = SoakResult("dev", "vit-b-16", 224, "800x600", 2000, 0, [])
+    for request, rss in [(1, 1.40), (50, 1.44), (200, 1.52), (400, 1.61), (600, 1.63)]:
+        result.samples.append(Sample(request, rss))
+        result.request_s.extend([1.0] * 10)
+        save_partial(argparse.Namespace(json=tmp_path / "soak.json"), result)
+    (loaded,) = load_results([tmp_path / "soak.dev.partial.json"])
+    summary = loaded.summary()
+    assert summary["n"] == 2000 and summary["n_reached"] == 600
+    assert summary["growth_second_half_gib"] == 0.02          # 600 vs 400, the first sample past 300
+    plot([loaded], tmp_path / "soak.png")
+    assert (tmp_path / "soak.png").stat().st_size > 1000
+
+
+def test_the_docker_image_sets_what_the_servers_apply():
+    from pathlib import Path
+    dockerfile = (Path(__file__).resolve().parents[1] / "docker" / "Dockerfile").read_text()
+    image = dict(re.findall(r"\b(MALLOC_[A-Z_]+)=(\d+)", dockerfile))
+    assert image == {name: str(value) for name, value in memory.ALLOCATOR_DEFAULTS.items()}
