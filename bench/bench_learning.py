@@ -638,9 +638,9 @@ def main(argv=None) -> None:
         print()
         print_curves(out, CURVE_STEPS)
         if args.plot:
-            plot_curves(out, CURVE_STEPS, args.plot, "Held-out mean IoU by order of correcting "
-                        f"({args.repeats} projects, random-weight ViT"
-                        + (f", {args.duplicates} near-duplicates per scene)" if args.duplicates > 1 else ")"))
+            title = ("Held-out mean IoU by order of correcting " if args.duplicates <= 1 else
+                     f"Held-out IoU by order, pool of {args.duplicates} near-duplicates a scene ")
+            plot_curves(out, CURVE_STEPS, args.plot, title + f"({args.repeats} projects, random-weight ViT)")
             print(f"plot: {args.plot} ({args.plot.stat().st_size // 1024} KiB)")
         return
     ious, pairs = run(predictor, config, args.repeats, args.heldout, args.size, args.seed, args.prior)
