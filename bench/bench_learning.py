@@ -4,6 +4,8 @@
     python bench/bench_learning.py --churn 32 --repeats 2 --heldout 12    # publishing policies
     python bench/bench_learning.py --curve --repeats 8 --pool 48 --heldout 16 \
         --plot docs/img/learning_curve_select.png                        # orders of correcting
+    python bench/bench_learning.py --curve --duplicates 4 ... \
+        --plot docs/img/learning_curve_duplicates.png                    # ... on a redundant pool
 
 A synthetic project the code generates: photos of three kinds of shapes (the labels) in clutter,
 with their true masks. The model is the random-weight open_clip ViT of the tests, so its text
@@ -16,7 +18,8 @@ It prints a Markdown table, the rank correlation between the task score and the 
 task-score variant of gem_model/uncertainty.py, Spearman and the IoU of the lowest- vs the
 highest-scored quarter after 0, 2, 4, 8 corrections), and writes a PNG plot. `--curve` compares
 three orders of correcting a pool of unlabeled images instead: random, lowest task score first,
-and `gem_model.selection.select_diverse` (what `python -m backend.select` does).
+and `gem_model.selection.select_diverse` (what `python -m backend.select` does); `--duplicates K`
+makes that pool redundant (each scene drawn K times with small jitter, as video frames or burst photos).
 """
 from __future__ import annotations
 
@@ -68,21 +71,29 @@ def _draw_shape(draw: ImageDraw.ImageDraw, kind: str, box, fill) -> None:
         draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
 
 
-def make_task(rng: np.random.Generator, size: int = 160) -> SyntheticTask:
-    """One image: a mottled background, 6-10 small clutter shapes, 1-2 labelled shapes on top."""
+@dataclasses.dataclass
+class Scene:
+    """What one generated image shows, before it is drawn: re-drawing it with jitter gives near-duplicates."""
+    low: np.ndarray                   # [4, 4, 3] uint8, the background's coarse colours
+    noise: np.ndarray                 # [H, W, 3] the background's pixel noise
+    clutter: list                     # (kind, box, fill) of the small unlabelled shapes
+    shapes: list                      # (label, box, fill) of the labelled shapes
+
+
+def make_scene(rng: np.random.Generator, size: int = 160) -> Scene:
+    """A mottled background, 6-10 small clutter shapes, 1-2 labelled shapes that do not overlap."""
     low = rng.integers(60, 200, (4, 4, 3)).astype(np.uint8)
-    background = np.asarray(Image.fromarray(low).resize((size, size), Image.BICUBIC), dtype=np.float32)
-    background += rng.normal(0, 12, background.shape)
-    canvas = Image.fromarray(background.clip(0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(canvas)
+    noise = rng.normal(0, 12, (size, size, 3))
+    clutter = []
     for _ in range(int(rng.integers(6, 11))):
         side = rng.uniform(0.06, 0.12) * size
         cx, cy = rng.uniform(0, size, 2)
         colour = CLUTTER_COLOURS[int(rng.integers(len(CLUTTER_COLOURS)))]
-        _draw_shape(draw, LABELS[int(rng.integers(3))], (cx - side, cy - side, cx + side, cy + side),
-                    tuple(int(c) for c in np.clip(np.array(colour) + rng.normal(0, 15, 3), 0, 255)))
+        kind = LABELS[int(rng.integers(3))]
+        fill = tuple(int(c) for c in np.clip(np.array(colour) + rng.normal(0, 15, 3), 0, 255))
+        clutter.append((kind, (cx - side, cy - side, cx + side, cy + side), fill))
     present = rng.choice(len(LABELS), size=int(rng.integers(1, 3)), replace=False)
-    masks = {}
+    shapes = []
     taken = np.zeros((size, size), dtype=bool)
     for index in present:
         label = LABELS[int(index)]
@@ -90,22 +101,78 @@ def make_task(rng: np.random.Generator, size: int = 160) -> SyntheticTask:
             side = rng.uniform(0.14, 0.24) * size
             cx, cy = rng.uniform(side, size - side, 2)
             box = (cx - side, cy - side, cx + side, cy + side)
-            layer = Image.new("L", (size, size))
-            _draw_shape(ImageDraw.Draw(layer), label, box, 255)
-            mask = np.asarray(layer) > 0
+            mask = _shape_mask(label, box, size)
             if not (mask & taken).any():
                 break
         colour = np.clip(np.array(KIND_COLOURS[label]) + rng.normal(0, 20, 3), 0, 255)
-        _draw_shape(draw, label, box, tuple(int(c) for c in colour))
+        shapes.append((label, box, tuple(int(c) for c in colour)))
+        taken |= mask
+    return Scene(low=low, noise=noise, clutter=clutter, shapes=shapes)
+
+
+def _shape_mask(label: str, box, size: int) -> np.ndarray:
+    layer = Image.new("L", (size, size))
+    _draw_shape(ImageDraw.Draw(layer), label, box, 255)
+    return np.asarray(layer) > 0
+
+
+def render_scene(scene: Scene, size: int = 160, jitter: Optional[np.random.Generator] = None,
+                 shift: float = 3.0, brightness: float = 0.08) -> SyntheticTask:
+    """Draw `scene`. With a `jitter` generator: a near-duplicate, as a burst photo or the next video
+    frame would be: every shape moved by up to `shift` px (labelled shapes kept apart), brightness
+    scaled by up to +-`brightness`, fresh pixel noise."""
+    def moved(box):
+        if jitter is None:
+            return box
+        dx, dy = jitter.uniform(-shift, shift, 2)
+        return (box[0] + dx, box[1] + dy, box[2] + dx, box[3] + dy)
+
+    noise = scene.noise if jitter is None else jitter.normal(0, 12, scene.noise.shape)
+    background = np.asarray(Image.fromarray(scene.low).resize((size, size), Image.BICUBIC), dtype=np.float32)
+    background += noise
+    canvas = Image.fromarray(background.clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(canvas)
+    for kind, box, fill in scene.clutter:
+        _draw_shape(draw, kind, moved(box), fill)
+    masks = {}
+    taken = np.zeros((size, size), dtype=bool)
+    for label, box, fill in scene.shapes:
+        mask = _shape_mask(label, box, size)
+        if jitter is not None:
+            for _ in range(5):
+                candidate = moved(box)
+                candidate_mask = _shape_mask(label, candidate, size)
+                if not (candidate_mask & taken).any():
+                    box, mask = candidate, candidate_mask
+                    break
+        _draw_shape(draw, label, box, fill)
         masks[label] = mask
         taken |= mask
     canvas = canvas.filter(ImageFilter.GaussianBlur(0.6))
+    if jitter is not None:
+        factor = 1.0 + jitter.uniform(-brightness, brightness)
+        canvas = Image.fromarray((np.asarray(canvas, dtype=np.float32) * factor).clip(0, 255).astype(np.uint8))
     return SyntheticTask(image=canvas, masks=masks)
+
+
+def make_task(rng: np.random.Generator, size: int = 160) -> SyntheticTask:
+    """One image: a mottled background, 6-10 small clutter shapes, 1-2 labelled shapes on top."""
+    return render_scene(make_scene(rng, size), size)
 
 
 def make_project(count: int, seed: int, size: int = 160) -> list[SyntheticTask]:
     rng = np.random.default_rng(seed)
     return [make_task(rng, size) for _ in range(count)]
+
+
+def make_redundant_project(count: int, duplicates: int, seed: int, size: int = 160) -> list[SyntheticTask]:
+    """`count` images from ceil(count / duplicates) distinct scenes, each drawn `duplicates` times as
+    jittered near-duplicates (the redundancy of video frames or burst photos), in a shuffled order."""
+    rng = np.random.default_rng(seed)
+    scenes = [make_scene(rng, size) for _ in range(math.ceil(count / duplicates))]
+    jitter = np.random.default_rng(seed + 500)
+    tasks = [render_scene(scene, size, jitter) for scene in scenes for _ in range(duplicates)][:count]
+    return [tasks[i] for i in jitter.permutation(len(tasks))]
 
 
 # ----------------------------------------------------------------------------------- the loop
@@ -283,15 +350,21 @@ ORDERS = ("random", "lowest score first", "select")
 
 def learning_curves(predictor, config: RegionConfig, repeats: int, pool_size: int, heldout: int, size: int,
                     seed: int = 0, prior: float = 0.25, steps: Sequence[int] = CURVE_STEPS,
-                    use: Sequence[str] = ("regions",), pool_factor: float = 4.0, pooling: str = "mean"):
+                    use: Sequence[str] = ("regions",), pool_factor: float = 4.0, pooling: str = "mean",
+                    duplicates: int = 1):
     """Mean held-out IoU against the number of corrected images, for three orders of correcting a
     pool of unlabeled images: random, lowest task score first, and `select_diverse` (score +
     diversity of the pooled GEM embeddings). Between two steps the annotator corrects a batch
     (steps[i+1] - steps[i] images) chosen with what was learned so far, as a team using
-    `python -m backend.select` between publications would. Returns {order: [[IoU per step] per repeat]}."""
+    `python -m backend.select` between publications would. `duplicates` > 1: the pool is redundant,
+    `make_redundant_project` (pool_size / duplicates scenes, each drawn `duplicates` times); the
+    held-out images stay independent. Returns {order: [[IoU per step] per repeat]}."""
     out = {order: [] for order in ORDERS}
     for repeat in range(repeats):
-        pool = make_project(pool_size, seed=7000 + 1000 * repeat + seed, size=size)
+        if duplicates > 1:
+            pool = make_redundant_project(pool_size, duplicates, seed=7000 + 1000 * repeat + seed, size=size)
+        else:
+            pool = make_project(pool_size, seed=7000 + 1000 * repeat + seed, size=size)
         test = make_project(heldout, seed=7001 + 1000 * repeat + seed, size=size)
         pool_encoded = [encode(predictor, t) for t in pool]
         test_encoded = [encode(predictor, t) for t in test]
@@ -519,6 +592,8 @@ def main(argv=None) -> None:
     parser.add_argument("--curve", action="store_true",
                         help="learning curves of three orders of correcting (random, lowest score, select)")
     parser.add_argument("--pool", type=int, default=48, help="--curve: unlabeled images to choose from")
+    parser.add_argument("--duplicates", type=int, default=1, metavar="K",
+                        help="--curve: a redundant pool, pool/K scenes each drawn K times as near-duplicates")
     parser.add_argument("--pool-factor", type=float, default=4.0, help="--curve: select's pool, x the batch")
     parser.add_argument("--pooling", default="mean", help="--curve: select's image embedding (mean, distinct)")
     parser.add_argument("--score", default="regions",
@@ -554,15 +629,18 @@ def main(argv=None) -> None:
     if args.curve:
         use = tuple(p.strip() for p in args.score.split(",") if p.strip())
         out = learning_curves(predictor, config, args.repeats, args.pool, args.heldout, args.size, args.seed,
-                              args.prior, CURVE_STEPS, use, args.pool_factor, args.pooling)
-        print(f"Learning curves: {args.repeats} project(s), pool of {args.pool} unlabeled images, "
+                              args.prior, CURVE_STEPS, use, args.pool_factor, args.pooling, args.duplicates)
+        redundancy = (f" ({math.ceil(args.pool / args.duplicates)} scenes x {args.duplicates} near-duplicates)"
+                      if args.duplicates > 1 else "")
+        print(f"Learning curves: {args.repeats} project(s), pool of {args.pool} unlabeled images{redundancy}, "
               f"{args.heldout} held-out images, {args.size} px, random-weight tiny ViT, score {'+'.join(use)}, "
               f"select pool factor {args.pool_factor:g}, {args.pooling} pooling, {time.perf_counter() - started:.0f} s")
         print()
         print_curves(out, CURVE_STEPS)
         if args.plot:
-            plot_curves(out, CURVE_STEPS, args.plot, "Held-out mean IoU by order of correcting "
-                        f"({args.repeats} projects, random-weight ViT)")
+            title = ("Held-out mean IoU by order of correcting " if args.duplicates <= 1 else
+                     f"Held-out IoU by order, pool of {args.duplicates} near-duplicates a scene ")
+            plot_curves(out, CURVE_STEPS, args.plot, title + f"({args.repeats} projects, random-weight ViT)")
             print(f"plot: {args.plot} ({args.plot.stat().st_size // 1024} KiB)")
         return
     ious, pairs = run(predictor, config, args.repeats, args.heldout, args.size, args.seed, args.prior)
