@@ -174,9 +174,12 @@ def run_select(settings: Settings, project: int, count: int, *, pool_factor: flo
         unscored.clear()
 
     try:
-        for task in select_tasks(client, project, only_unlabeled=True, page_size=page_size or PAGE_SIZE):
+        for listed in select_tasks(client, project, only_unlabeled=True, page_size=page_size or PAGE_SIZE):
             summary.unlabeled += 1
-            known = newest_prediction_score(task, version)
+            known = newest_prediction_score(listed, version)
+            # Only what predicting and embedding need is kept: a listed task carries its predictions
+            # (brush RLE and all), which over a project of 40k tasks would be gigabytes.
+            task = {k: listed[k] for k in ("id", "data", "project") if k in listed}
             if known is None:
                 unscored.append(task)
                 if len(unscored) >= SCORE_BATCH:
