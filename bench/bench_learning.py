@@ -601,6 +601,10 @@ def main(argv=None) -> None:
     parser.add_argument("--project-tasks", type=int, default=10000,
                         help="--churn: tasks of the project each new version makes stale")
     args = parser.parse_args(argv)
+    if args.curve and args.pool < CURVE_STEPS[-1]:
+        parser.error(f"--curve corrects up to {CURVE_STEPS[-1]} images of the pool: --pool must be at least that")
+    if args.duplicates < 1:
+        parser.error("--duplicates must be >= 1")
     if args.cost:
         import torch
 
