@@ -30,6 +30,7 @@ import io
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -541,6 +542,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--replot", type=Path, nargs="+", default=None,
                         help="no soak: draw --png from these --json or .partial.json files and print their summaries")
     args = parser.parse_args(argv)
+    # `kill PID` (SIGTERM) ends the run the way Ctrl-C does: the servers it started are stopped
+    # (their `finally`), not left running as orphans.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.replot:
         results = load_results(args.replot)
         for r in results:
