@@ -154,8 +154,8 @@ class BackgroundFinisher:
         sizes = self.outbox.sizes()
         refreshes = self.outbox.refreshes(PENDING)
         if sum(sizes.values()) or refreshes:
-            logger.info("background: the outbox holds %d tasks to predict, %d predictions to store and %d refreshes "
-                        "to list from before; resuming", sizes[QUEUED], sizes[COMPUTED], len(refreshes))
+            logger.info("background: resuming what the outbox holds from before: %d tasks to predict, %d predictions "
+                        "to store, %d refreshes to list", sizes[QUEUED], sizes[COMPUTED], len(refreshes))
             self._start()
 
     def submit(self, tasks: Sequence[Mapping[str, Any]], job: PredictionJob, project: int,
