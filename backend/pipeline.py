@@ -335,6 +335,9 @@ def load_predictor(settings: Settings):
         import torch
 
         torch.set_num_threads(s.torch_threads)
+    from gem_model.attention import set_cpu_chunking
+
+    set_cpu_chunking(s.bf16_chunks)
     pretrained = None if s.pretrained.lower() in ("", "none") else s.pretrained
     model = gem_model.create_gem_model(
         model_name=s.model_name, pretrained=pretrained, device=s.device, gem_depth=s.gem_depth,

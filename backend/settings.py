@@ -174,11 +174,17 @@ class Settings:
     device: str = knob("GEM_DEVICE", "auto", "`auto` (cuda if available, else cpu), `cpu`, `cuda`, `cuda:N`",
                        parse=_device, group="Model")
     precision: str = knob("GEM_PRECISION", "fp32",
-                          "`fp32`, `bf16` (GPUs, and CPUs with native bf16: AVX512-BF16/AMX, ~0.4x the fp32 "
-                          "time with GEM_TORCH_THREADS=1; refused on other CPUs), `fp16` (GPUs) or `auto` "
+                          "`fp32`, `bf16` (GPUs, and CPUs with native bf16: AVX512-BF16/AMX, ~0.35x the fp32 "
+                          "time at 1 or 2 threads on a quiet machine; refused on other CPUs), `fp16` (GPUs) or `auto` "
                           "(bf16 where native, "
                           "else fp32); `--check` says what this machine has. docs/PERFORMANCE.md",
                           parse=_choice(PRECISIONS), group="Model")
+    bf16_chunks: str = knob("GEM_BF16_CHUNKS", "cache",
+                            "CPU bf16 attention at 2+ torch threads: `cache` (cache-sized chunks of heads; best "
+                            "where the cores are free: measured 0.37x fp32 at 2 threads) or `whole` (one chunk "
+                            "per call, fewer parallel regions; for a host with more busy threads than cores: "
+                            "0.85x against 1.99x). docs/PERFORMANCE.md",
+                            parse=_choice(("cache", "whole")), group="Model")
     image_size: int = knob("GEM_IMAGE_SIZE", 448, "image side fed to the model (see GEM_RESIZE_MODE)",
                            unit="px", parse=_int(16, 4096), group="Model")
     resize_mode: str = knob("GEM_RESIZE_MODE", "short",

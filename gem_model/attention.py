@@ -71,6 +71,20 @@ CPU_SCORE_BYTES = 3 * 2**20
 # exp calls, 23 ms at 1 thread, 1.4 s at 2 threads under a load of 17 on 2 cores), so at 2+
 # threads fewer, larger operators win over cache-sized ones (docs/PERFORMANCE.md, "bf16 on CPU").
 CPU_SCORE_BYTES_THREADED = 64 * 2**20
+# Which of the two at 2+ threads: "cache" (default: measured best on a machine whose cores are
+# free, bf16 0.37x fp32 at 2 threads against 0.56x with whole calls) or "whole" (a host with more
+# busy threads than cores: 0.80-0.89x against 1.99x). `set_cpu_chunking`; GEM_BF16_CHUNKS.
+CPU_CHUNKINGS = ("cache", "whole")
+_cpu_chunking = "cache"
+
+
+def set_cpu_chunking(mode: str) -> None:
+    """How the CPU bf16 attention splits its heads at 2+ torch threads: "cache" (cache-sized
+    chunks, as at one thread) or "whole" (each call one chunk up to CPU_SCORE_BYTES_THREADED)."""
+    global _cpu_chunking
+    if mode not in CPU_CHUNKINGS:
+        raise ValueError(f"CPU chunking must be one of {CPU_CHUNKINGS}, got {mode!r}")
+    _cpu_chunking = mode
 
 
 def lowp_cpu(x: torch.Tensor) -> bool:
@@ -80,10 +94,12 @@ def lowp_cpu(x: torch.Tensor) -> bool:
 
 def _heads_per_chunk(batch: int, n_query: int, n_key: int, element_size: int, heads: int,
                      threads: Optional[int] = None) -> int:
-    """Heads whose scores are materialised at once: a cache-sized chunk at one torch thread
-    (`CPU_SCORE_BYTES`), as few chunks as `CPU_SCORE_BYTES_THREADED` allows at more."""
+    """Heads whose scores are materialised at once: a cache-sized chunk (`CPU_SCORE_BYTES`), or,
+    at 2+ torch threads with `set_cpu_chunking("whole")`, as few chunks as
+    `CPU_SCORE_BYTES_THREADED` allows."""
     threads = threads or torch.get_num_threads()
-    budget = CPU_SCORE_BYTES if threads <= 1 else CPU_SCORE_BYTES_THREADED
+    whole = threads > 1 and _cpu_chunking == "whole"
+    budget = CPU_SCORE_BYTES_THREADED if whole else CPU_SCORE_BYTES
     per_head = batch * n_query * n_key * element_size
     return max(1, min(heads, budget // max(per_head, 1)))
 

@@ -41,7 +41,7 @@ class CpuBf16:
     def message(self) -> str:
         if self.fast:
             return (f"CPU bf16: native ({', '.join(self.flags)}; torch {self.capability}): GEM_PRECISION=bf16 "
-                    f"runs the image path in ~0.4x the fp32 time at GEM_TORCH_THREADS=1, ~0.8x at 2 on a busy host (docs/PERFORMANCE.md, 'bf16 on CPU')")
+                    f"runs the image path in ~0.35x the fp32 time at 1 or 2 torch threads on a quiet machine (docs/PERFORMANCE.md, 'bf16 on CPU')")
         return (f"CPU bf16: not native on this CPU (no avx512_bf16, amx_bf16 or Arm bf16 flag; torch "
                 f"{self.capability}): bf16 would be emulated and slower than fp32; use fp32")
 

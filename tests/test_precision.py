@@ -55,16 +55,38 @@ def test_chunked_attention_matches_float64_softmax(heads, n, monkeypatch):
     assert (out.double() - reference).abs().max() < 0.03      # bf16 inputs: 2^-8 relative
 
 
-def test_chunks_are_cache_sized_at_one_thread_and_whole_calls_at_more():
-    from gem_model.attention import CPU_SCORE_BYTES, _heads_per_chunk
+def test_chunks_are_cache_sized_by_default_and_whole_calls_on_a_busy_host(monkeypatch):
+    from gem_model import attention
+    from gem_model.attention import CPU_SCORE_BYTES, _heads_per_chunk, set_cpu_chunking
 
+    monkeypatch.setattr(attention, "_cpu_chunking", "cache")      # restored after the test
     per_head = 785 * 785 * 2                      # one 448x448 image's scores in bf16
     one = _heads_per_chunk(1, 785, 785, 2, 36, threads=1)
     assert one == CPU_SCORE_BYTES // per_head and 1 <= one < 36
+    assert _heads_per_chunk(1, 785, 785, 2, 36, threads=2) == one      # default: cache-sized at any count
+    set_cpu_chunking("whole")
+    assert _heads_per_chunk(1, 785, 785, 2, 36, threads=1) == one      # one thread: always cache-sized
     assert _heads_per_chunk(1, 785, 785, 2, 36, threads=2) == 36      # one chunk: fewer operators
     assert _heads_per_chunk(1, 785, 785, 2, 36, threads=4) == 36
     assert _heads_per_chunk(4, 2000, 2000, 2, 36, threads=2) < 36      # still bounded in memory
     assert _heads_per_chunk(1, 5000, 5000, 2, 36, threads=1) == 1      # never zero
+    with pytest.raises(ValueError):
+        set_cpu_chunking("fast")
+
+
+def test_the_chunking_setting_reaches_the_model(monkeypatch, tmp_path):
+    from backend.pipeline import load_predictor
+    from backend.settings import Settings
+    from gem_model import attention
+
+    monkeypatch.setattr(attention, "_cpu_chunking", "cache")
+    seen = []
+    monkeypatch.setattr(attention, "set_cpu_chunking", lambda mode: seen.append(mode))
+    monkeypatch.setattr("gem_model.create_gem_model", lambda **kw: (_ for _ in ()).throw(RuntimeError("stop")))
+    monkeypatch.setenv("GEM_BF16_CHUNKS", "whole")
+    with pytest.raises(RuntimeError, match="stop"):
+        load_predictor(Settings.from_env())
+    assert seen == ["whole"]
 
 
 @pytest.mark.parametrize("threads_budget", ["small", "large"])
