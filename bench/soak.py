@@ -491,7 +491,7 @@ def plot(results: list[SoakResult], path: Path) -> None:
         draw.text((4, sy(y) - 6), f"{y:.2f}", fill="black")
         x = x_max * k / 5
         draw.text((sx(x) - 10, height - bottom + 6), f"{int(x)}", fill="black")
-    colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
+    colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf", "#7f7f7f"]
     r0 = results[0]
     draw.text((left, 8), f"RSS (GiB) per request: {r0.model}, photos {r0.photo}, one request after another",
               fill="black")
