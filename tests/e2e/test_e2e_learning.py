@@ -69,15 +69,22 @@ def state_key_of(ls, label_studio, project):
     return state_key(instance_of(label_studio.url), project, created_stamp(created))
 
 
-def test_annotations_through_label_studio_improve_the_next_predictions(ls, backend, label_studio, tmp_path):
-    synthetic = make_project(TRAIN + HELDOUT, seed=21, size=SIZE)
-    project = ls.create_project("e2e learning", CONFIG)
+def upload_synthetic(ls, name: str, synthetic) -> tuple[int, list[dict], dict]:
+    """A project of these generated images, uploaded as PNGs: (project id, its tasks in upload
+    order, {task id: the synthetic image with its truth})."""
+    project = ls.create_project(name, CONFIG)
     ls.upload_files(project, {f"f{i}": (f"shape{i}.png", encode_png(t.image), "image/png")
                               for i, t in enumerate(synthetic)})
     tasks = ls.tasks(project)
     assert len(tasks) == len(synthetic)
     # Uploads keep their order: map tasks to the synthetic truth by the file name.
     truth = {t["id"]: synthetic[int(t["data"]["image"].rsplit("shape", 1)[1].split(".")[0])] for t in tasks}
+    return project, tasks, truth
+
+
+def test_annotations_through_label_studio_improve_the_next_predictions(ls, backend, label_studio, tmp_path):
+    synthetic = make_project(TRAIN + HELDOUT, seed=21, size=SIZE)
+    project, tasks, truth = upload_synthetic(ls, "e2e learning", synthetic)
     train, heldout = [t["id"] for t in tasks[:TRAIN]], [t["id"] for t in tasks[TRAIN:]]
     check(ls.add_ml_backend(project, backend.url, is_interactive=False), 201)
 

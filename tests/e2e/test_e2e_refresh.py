@@ -11,8 +11,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from e2e_support import check, encode_png, metric_value, wait_until
-from test_e2e_learning import CONFIG, SIZE, brush_items, refresh_settled, state_key_of
+from e2e_support import check, metric_value, wait_until
+from test_e2e_learning import SIZE, brush_items, refresh_settled, state_key_of, upload_synthetic
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -26,12 +26,7 @@ ANNOTATED, UNLABELED = 3, 7
 def test_learning_refreshes_the_unlabeled_tasks_by_itself(ls, label_studio, start_backend):
     backend = start_backend("refresh", LABEL_STUDIO_API_KEY=label_studio.account.legacy_token, WORKERS="2")
     synthetic = make_project(ANNOTATED + UNLABELED, seed=41, size=SIZE)
-    project = ls.create_project("e2e refresh", CONFIG)
-    ls.upload_files(project, {f"f{i}": (f"shape{i}.png", encode_png(t.image), "image/png")
-                              for i, t in enumerate(synthetic)})
-    tasks = ls.tasks(project)
-    assert len(tasks) == len(synthetic)
-    truth = {t["id"]: synthetic[int(t["data"]["image"].rsplit("shape", 1)[1].split(".")[0])] for t in tasks}
+    project, tasks, truth = upload_synthetic(ls, "e2e refresh", synthetic)
     annotated, unlabeled = [t["id"] for t in tasks[:ANNOTATED]], [t["id"] for t in tasks[ANNOTATED:]]
     check(ls.add_ml_backend(project, backend.url, is_interactive=False), 201)
 
