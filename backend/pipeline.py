@@ -103,9 +103,26 @@ def compute_model_version(settings: Settings) -> str:
         **({"pos_embed": settings.pos_embed} if settings.pos_embed != "antialias" else {}),
         # The task score stored with each prediction: "regions" alone before 2026-12-03 (issue 22).
         **({"task_score": list(settings.task_score)} if tuple(settings.task_score) != ("regions",) else {}),
+        # bf16 on a CPU keeps the streams, norms and text tower in fp32 since 2026-12-03 (issue 24):
+        # other maps than the all-bf16 model's, so another version (GPU bf16 is unchanged).
+        **({"bf16_road": "cpu-fp32-streams"} if _runs_bf16_on_cpu(settings) else {}),
     }, sort_keys=True, default=str)
     digest = hashlib.sha256(key.encode()).hexdigest()[:8]
     return f"gem-{settings.model_name}-{weights}-{settings.image_size}-{digest}"
+
+
+def _runs_bf16_on_cpu(settings: Settings) -> bool:
+    """Whether this machine builds the model in bf16 on its CPU (GEM_PRECISION bf16, or auto where
+    the CPU computes bf16 natively). False where the settings are refused: loading says why."""
+    if settings.precision not in ("bf16", "auto"):
+        return False
+    from gem_model.errors import GemError
+    from gem_model.factory import resolve_device, resolve_precision
+    try:
+        device = resolve_device(settings.device)
+        return device.type == "cpu" and resolve_precision(settings.precision, device) == "bf16"
+    except GemError:
+        return False
 
 
 def prompts_digest(prompt_plan: PromptPlan) -> str:

@@ -307,3 +307,23 @@ def test_start_log_says_precision(tiny_model_files, monkeypatch, tmp_path, caplo
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("loading model"))
     assert "precision: auto -> bf16 on cpu; CPU bf16: native (avx512_bf16" in line
     assert backend.pipeline.predictor.model.dtype == torch.bfloat16
+
+
+def test_the_cpu_bf16_road_has_its_own_model_version(monkeypatch):
+    """The CPU bf16 road's maps changed (fp32 streams, norms and text tower): Label Studio must see
+    another model version, or it would keep predictions of the all-bf16 model as current."""
+    from backend.pipeline import compute_model_version
+    from backend.settings import Settings
+
+    def version(precision: str, cpu_text: str) -> str:
+        monkeypatch.setattr(factory, "cpu_bf16_support", lambda: _fixed(cpu_text))
+        return compute_model_version(Settings.from_env({"GEM_PRECISION": precision, "GEM_DEVICE": "cpu"}))
+
+    fp32 = version("fp32", X86_BF16)
+    assert version("fp32", X86_AVX2) == fp32                   # fp32 keeps its version on any CPU
+    # auto: bf16 where native, fp32 elsewhere; the two must not share a version
+    assert version("auto", X86_BF16) != version("auto", X86_AVX2)
+    native = version("bf16", X86_BF16)
+    assert native != fp32
+    # bf16 refused on this CPU: the version is the plain key (loading fails with the reason)
+    assert version("bf16", X86_AVX2) != native
