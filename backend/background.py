@@ -148,7 +148,9 @@ class BackgroundFinisher:
         return out
 
     def resume(self) -> None:
-        """Start the worker if the outbox holds rows (a restart after a crash or a shutdown)."""
+        """Start the worker: it finishes what the outbox holds (a restart after a crash or a shutdown)
+        and, idle, looks at the outbox every ADOPT_EVERY_S for rows of dead processes and for
+        refreshes written by another process (`python -m backend.learning rebuild|reset`)."""
         if not self.available or self.outbox is None:
             return
         sizes = self.outbox.sizes()
@@ -156,7 +158,10 @@ class BackgroundFinisher:
         if sum(sizes.values()) or refreshes:
             logger.info("background: resuming what the outbox holds from before: %d tasks to predict, %d predictions "
                         "to store, %d refreshes to list", sizes[QUEUED], sizes[COMPUTED], len(refreshes))
-            self._start()
+        self._start()
+        with self._cond:        # already running and idle: adopt and look now
+            self._adopted = 0.0
+            self._cond.notify_all()
 
     def submit(self, tasks: Sequence[Mapping[str, Any]], job: PredictionJob, project: int,
                label_config: str | None = None) -> list[bool]:

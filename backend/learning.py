@@ -1021,8 +1021,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     project = project_key(args.project)
     if args.command == "reset":
         key = store.resolve(instance_of(settings.label_studio_url), project)
+        was = store.version(key)
         store.reset(key)
         print(f"project {key}: learned state forgotten; predictions are again those of the unlearned model")
+        if was:
+            print(_refresh_from_command(settings, key.rpartition("#")[2], ""))
         return 0
     from .images import ImageFetcher
 
@@ -1033,9 +1036,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     learner = Learner(settings, store, lambda: predictor, lambda p: source_for(settings, p),
                       lambda url, task_id, p: fetcher.decode(fetcher.download(url, task_id=task_id, project_key=p)),
                       settings.region_config)
+    refreshed: list[str] = []
+    learner.on_publish.append(lambda name, learned: refreshed.append(_refresh_from_command(settings, name, learned)))
     version = learner.rebuild(project)
     print(f"project {project}: rebuilt, version {version or 'none (nothing learned)'}")
+    for line in refreshed:
+        print(line)
     return 0
+
+
+def _refresh_from_command(settings: Settings, project: str, learned: str) -> str:
+    """After `reset` or `rebuild` changed a project's learned version: ask for the refresh the server
+    asks for after a publication, by writing it into MODEL_DIR/outbox.sqlite. A running backend on
+    this MODEL_DIR lists and predicts it (its finisher looks at the outbox at least every few
+    seconds); one started later does. Returns the line to print."""
+    from .background import label_studio_project_id
+    from .outbox import Outbox
+
+    project_id = label_studio_project_id(project)
+    if project_id is None:
+        return f"project {project}: no refresh (not a Label Studio project id)"
+    if settings.refresh_max_tasks <= 0:
+        return (f"project {project_id}: no refresh (GEM_REFRESH_MAX_TASKS=0): Retrieve Predictions "
+                f"recomputes the stale predictions")
+    outbox = Outbox(os.path.join(settings.model_dir, "outbox.sqlite"))
+    answer = outbox.request_refresh(project_id, project, learned)
+    if answer is None:
+        return f"project {project_id}: a refresh to learned version {learned or 'none'} was already asked for"
+    old, dropped = answer
+    cancelled = (f"; the refresh to {old.learned or 'none'} it replaces is cancelled ({len(dropped)} of its tasks "
+                 f"not predicted)" if old is not None else "")
+    return (f"project {project_id}: refresh to learned version {learned or 'none'} asked for: the backend "
+            f"running on {settings.model_dir} predicts its unlabeled tasks again, lowest score first, at most "
+            f"{settings.refresh_max_tasks}{cancelled}")
 
 
 def source_for(settings: Settings, project: str | None = None) -> LabelStudioSource | None:

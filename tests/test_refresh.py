@@ -228,3 +228,26 @@ def test_an_interactive_call_goes_before_the_refresh(tmp_path, fake_ls):
     _wait(lambda: _idle(gem), timeout=60)
     assert len(_new(fake_ls, version)) == len(ids)
     gem.finisher.close()
+
+
+def test_the_learning_command_asks_a_running_backend_for_its_refresh(tmp_path, fake_ls, monkeypatch, capsys):
+    """`python -m backend.learning reset|rebuild` runs in its own process: its new learned version
+    reaches a running backend on the same MODEL_DIR through the outbox, which the idle finisher
+    looks at every ADOPT_EVERY_S; nobody clicks."""
+    import backend.background as background
+    from backend.learning import _refresh_from_command
+
+    monkeypatch.setattr(background, "ADOPT_EVERY_S", 0.2)
+    ids = _project(fake_ls, [0.3, 0.1, 0.2])
+    app, gem, learned = _app(tmp_path, fake_ls, refresh_max_tasks=100)
+    assert gem.finisher._thread is not None, "the finisher runs from the start, idle"
+    learned["v"] = L1           # what the command's rebuild published in learning.sqlite3
+    settings = Settings(model_dir=str(tmp_path), refresh_max_tasks=100)
+    line = _refresh_from_command(settings, PROJECT, L1)
+    assert f"refresh to learned version {L1} asked for" in line
+    version = f"{VERSION}+{L1}"
+    _wait(lambda: _idle(gem) and len(_new(fake_ls, version)) == len(ids), timeout=30)
+    assert [p["task"] for p in _new(fake_ls, version)] == [ids[1], ids[2], ids[0]]
+    assert "GEM_REFRESH_MAX_TASKS=0" in _refresh_from_command(Settings(model_dir=str(tmp_path), refresh_max_tasks=0),
+                                                              PROJECT, L2)
+    gem.finisher.close()
