@@ -5,7 +5,9 @@
 Reads the project's unlabeled tasks through the backend's Label Studio client (paged by task
 id), takes each task's score from its newest prediction of the current model version, else its
 newest prediction (an older version's score, counted as stale), else computes it with the
-server's pipeline (kept in memory, not stored). The `--pool-factor x count` lowest-scored tasks
+server's pipeline. A computed prediction is stored in Label Studio (unless `--no-view`), under the
+claims the server and the other commands use, so the tab can order it by score and the next
+Retrieve Predictions skips it. The `--pool-factor x count` lowest-scored tasks
 are embedded (the mean GEM patch embedding of their images) and `gem_model.selection.select_diverse`
 picks `count` of them: uncertain, and not near-duplicates of one another (docs/LEARNING.md).
 
@@ -33,7 +35,7 @@ from typing import Any, Mapping, Sequence
 from .ls_client import LabelStudioClient, LabelStudioError
 from .pipeline import PredictionPipeline, TaskError
 from .settings import Settings, SettingsError
-from .stages import PAGE_SIZE, learned_for, select_tasks, stopped_reason
+from .stages import PAGE_SIZE, PredictionUploader, RunClaims, learned_for, predict_tasks, select_tasks, stopped_reason
 
 logger = logging.getLogger("backend.select")
 
@@ -59,7 +61,9 @@ class SelectSummary:
     unlabeled: int = 0
     sources: dict[str, int] = field(default_factory=dict)     # current / stale / computed -> tasks
     embedded: int = 0
+    stored: int = 0           # computed predictions stored in Label Studio
     failed: dict[Any, str] = field(default_factory=dict)
+    store_failed: dict[Any, str] = field(default_factory=dict)   # computed, scored, but not stored
     view_id: int | None = None
     view_url: str = ""
     view_error: str = ""
@@ -68,7 +72,7 @@ class SelectSummary:
 
     @property
     def exit_status(self) -> int:
-        return 0 if not self.failed and not self.view_error and self.stopped is None else 1
+        return 0 if not (self.failed or self.store_failed or self.view_error or self.stopped) else 1
 
     def lines(self) -> list[str]:
         sources = ", ".join(f"{n} {k}" for k, n in sorted(self.sources.items())) or "none"
@@ -77,6 +81,11 @@ class SelectSummary:
                f"{len(self.failed)} failed, in {self.seconds:.1f} s"]
         if self.stopped:
             out.append(f"  stopped early: {self.stopped}; the picks are from the tasks read before")
+        if self.sources.get("computed"):
+            out.append(f"  {self.stored} of the {self.sources['computed']} computed predictions stored in Label Studio"
+                       + (f"; {len(self.store_failed)} not stored: " + "; ".join(
+                           f"task {t}: {why}" for t, why in list(self.store_failed.items())[:5])
+                          if self.store_failed else ""))
         if self.sources.get("stale"):
             out.append(f"  {self.sources['stale']} scores are of an older model version: "
                        "`python -m backend.prelabel --only-unlabeled` refreshes them")
@@ -139,9 +148,11 @@ def save_view(client: LabelStudioClient, project: int, task_ids: Sequence[int]) 
 
 def run_select(settings: Settings, project: int, count: int, *, pool_factor: float | None = None,
                write_view: bool = True, client: LabelStudioClient | None = None,
-               pipeline: PredictionPipeline | None = None, page_size: int | None = None) -> SelectSummary:
+               pipeline: PredictionPipeline | None = None, page_size: int | None = None,
+               store: bool | None = None) -> SelectSummary:
     """Pick `count` unlabeled tasks of `project` (module docstring). `client` / `pipeline` default to
-    ones built from `settings` (the pipeline loads the model). Raises LabelStudioError when Label
+    ones built from `settings` (the pipeline loads the model). `store` (default: `write_view`)
+    stores the predictions computed for tasks without a score. Raises LabelStudioError when Label
     Studio cannot be reached at the start, LabelConfigError for a config GEM cannot serve."""
     from gem_model.selection import select_diverse
 
@@ -163,37 +174,57 @@ def run_select(settings: Settings, project: int, count: int, *, pool_factor: flo
     # 1. Scores of every unlabeled task (labelled ones are never listed).
     candidates: list[Candidate] = []
     unscored: list[dict] = []
+    store = write_view if store is None else store
+    # What is computed is stored, as a Retrieve would: only the tasks this run claims (another
+    # holder computing a task stores it), and the uploader checks Label Studio right before storing.
+    claims = RunClaims.from_settings(settings, version, project) if store else None
+    uploader = (PredictionUploader(client, project, on_finished=claims.finished) if claims is not None else None)
+
+    def collect(finished: tuple[list, list, dict]) -> None:
+        stored, _skipped, failures = finished
+        summary.stored += len(stored)
+        summary.store_failed.update(failures)
 
     def score_missing() -> None:
-        predictions, report = pipeline.predict(unscored, job)
-        for task, prediction, outcome in zip(unscored, predictions, report.outcomes):
-            if outcome.ok and "result" in prediction:
-                candidates.append(Candidate(task, float(prediction["score"]), "computed"))
-            else:
-                summary.failed[task.get("id")] = f"{outcome.reason or 'failed'}: {outcome.message}"
+        mine = claims.take([t["id"] for t in unscored]) if claims is not None else set()
+        payloads, failures, _ = predict_tasks(pipeline, job, unscored)
+        by_id = {t["id"]: t for t in unscored}
+        for payload in payloads:
+            candidates.append(Candidate(by_id[payload["task"]], float(payload["score"]), "computed"))
+        summary.failed.update(failures)
+        if claims is not None:
+            claims.give_back([t for t in failures if t in mine])
+            collect(uploader.add([p for p in payloads if p["task"] in mine]))
         unscored.clear()
 
     try:
-        for listed in select_tasks(client, project, only_unlabeled=True, page_size=page_size or PAGE_SIZE):
-            summary.unlabeled += 1
-            known = newest_prediction_score(listed, version)
-            # Only what predicting and embedding need is kept: a listed task carries its predictions
-            # (brush RLE and all), which over a project of 40k tasks would be gigabytes.
-            task = {k: listed[k] for k in ("id", "data", "project") if k in listed}
-            if known is None:
-                unscored.append(task)
-                if len(unscored) >= SCORE_BATCH:
-                    score_missing()
-            else:
-                candidates.append(Candidate(task, known[0], known[1]))
-            if summary.unlabeled % 500 == 0:
-                logger.info("project %s: %d unlabeled tasks read, %d scored", project, summary.unlabeled,
-                            len(candidates))
-    except LabelStudioError as exc:
-        summary.stopped = stopped_reason(exc)
-        logger.error("project %s: %s", project, summary.stopped)
-    if unscored:
-        score_missing()
+        try:
+            for listed in select_tasks(client, project, only_unlabeled=True, page_size=page_size or PAGE_SIZE):
+                summary.unlabeled += 1
+                known = newest_prediction_score(listed, version)
+                # Only what predicting and embedding need is kept: a listed task carries its predictions
+                # (brush RLE and all), which over a project of 40k tasks would be gigabytes.
+                task = {k: listed[k] for k in ("id", "data", "project") if k in listed}
+                if known is None:
+                    unscored.append(task)
+                    if len(unscored) >= SCORE_BATCH:
+                        score_missing()
+                else:
+                    candidates.append(Candidate(task, known[0], known[1]))
+                if summary.unlabeled % 500 == 0:
+                    logger.info("project %s: %d unlabeled tasks read, %d scored", project, summary.unlabeled,
+                                len(candidates))
+        except LabelStudioError as exc:
+            summary.stopped = stopped_reason(exc)
+            logger.error("project %s: %s", project, summary.stopped)
+        if unscored:
+            score_missing()
+    finally:
+        if uploader is not None:
+            collect(uploader.close())       # everything computed is stored (or its failure said) first
+            claims.close()
+    if summary.stored:
+        logger.info("project %s: %d computed predictions stored", project, summary.stored)
     for candidate in candidates:
         summary.sources[candidate.source] = summary.sources.get(candidate.source, 0) + 1
     logger.info("project %s: %d unlabeled tasks, %d scored (%s), %d failed", project, summary.unlabeled,
@@ -276,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: nothing was written", file=sys.stderr)
+        print("interrupted: no tab written (predictions computed before stay stored)", file=sys.stderr)
         return 130
     except Exception as exc:
         from .label_config import LabelConfigError

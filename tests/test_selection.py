@@ -285,7 +285,30 @@ def test_select_computes_missing_scores(tmp_path, fake_ls):
         fake_ls.add_tasks([{"image": fake_ls.add_file(f"{name}.png", _png(colour, 0))}])
     summary = _select(tmp_path, fake_ls, 2, write_view=False)
     assert summary.sources == {"computed": 4} and len(summary.picks) == 2
-    assert not fake_ls.predictions                 # computed in memory, not stored
+    assert not fake_ls.predictions                 # --no-view: computed in memory, nothing written
+
+
+def test_select_stores_what_it_computed_once_and_leaves_a_claimed_task_to_its_holder(tmp_path, fake_ls):
+    from backend.claims import ClaimStore
+
+    fake_ls.label_config = ('<View><Image name="image" value="$image"/>'
+                            '<BrushLabels name="tag" toName="image"><Label value="Bright"/></BrushLabels></View>')
+    ids = [fake_ls.add_tasks([{"image": fake_ls.add_file(f"{name}.png", _png(colour, 0))}])[0]
+           for name, colour in COLOURS.items()]
+    # the server's background is computing the last task: its claim is held by another holder
+    other = ClaimStore(str(tmp_path / "claims.sqlite")).holder("background")
+    assert other.claim([ids[-1]], "gem-test-v1", project="1")
+    summary = _select(tmp_path, fake_ls, 2)
+    assert summary.sources == {"computed": 4} and summary.stored == 3 and summary.exit_status == 0
+    stored = [p["task"] for p in fake_ls.predictions if p["model_version"] == "gem-test-v1"]
+    assert sorted(stored) == sorted(ids[:-1])      # once each; the claimed task is its holder's to store
+    assert all(p["score"] == summary.scores.get(p["task"], p["score"]) for p in fake_ls.predictions)
+    assert "3 of the 4 computed predictions stored" in "\n".join(summary.lines())
+    # the next run reads those scores back (the tab orders by them) and stores nothing more
+    other.release_all()
+    again = _select(tmp_path, fake_ls, 2)
+    assert again.sources == {"current": 3, "computed": 1} and again.stored == 1
+    assert sorted(p["task"] for p in fake_ls.predictions) == sorted(ids)
 
 
 def test_the_score_of_the_newest_prediction_of_this_version_first():
