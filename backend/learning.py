@@ -1048,8 +1048,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _refresh_from_command(settings: Settings, project: str, learned: str) -> str:
     """After `reset` or `rebuild` changed a project's learned version: ask for the refresh the server
     asks for after a publication, by writing it into MODEL_DIR/outbox.sqlite. A running backend on
-    this MODEL_DIR lists and predicts it (its finisher looks at the outbox at least every few
-    seconds); one started later does. Returns the line to print."""
+    this MODEL_DIR lists and predicts it (its idle finisher looks at the outbox every 30 s,
+    backend/background.py ADOPT_EVERY_S); one started later does. Returns the line to print."""
     from .background import label_studio_project_id
     from .outbox import Outbox
 
