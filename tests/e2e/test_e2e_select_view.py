@@ -13,7 +13,7 @@ from e2e_support import check, labeling_config
 
 
 def _tasks_in_view(ls, project: int, view: int) -> list[int]:
-    reply = check(ls.get("/api/tasks/", params={"project": project, "view": view, "page_size": 100,
+    reply = check(ls.get("/api/tasks/", params={"project": project, "view": view, "page_size": 1000,
                                                   "fields": "task_only"}), 200)
     return [t["id"] for t in reply.json()["tasks"]]
 
@@ -44,3 +44,23 @@ def test_the_tab_shows_exactly_the_picked_tasks_lowest_score_first(ls, label_stu
     assert sorted(v["id"] for v in views) == sorted([view_id, other["id"]])     # the user's tab untouched
     (mine,) = [v for v in views if v["id"] == view_id]
     assert mine["data"]["title"] == VIEW_TITLE and mine["data"]["ordering"] == ["tasks:predictions_score"]
+
+
+def test_a_tab_of_hundreds_of_picks_shows_them_all(ls, label_studio):
+    """`--count 200`: one OR filter of 200 ids; Label Studio must still list exactly those, in score order."""
+    client = LabelStudioClient(label_studio.url, label_studio.account.legacy_token)
+    project = ls.create_project("e2e select big tab", labeling_config())
+    n = 300
+    ls.import_tasks(project, [{"data": {"image": f"/data/select-big-{i}.png"},
+                               "predictions": [{"result": [], "score": round((i * 37 % n) / n, 4),
+                                                "model_version": "e2e"}]} for i in range(n)])
+    check(ls.request("PATCH", f"/api/projects/{project}/", json={"model_version": "e2e"}), 200)
+    tasks = ls.tasks(project)
+    assert len(tasks) == n
+    score = {t["id"]: (i * 37 % n) / n for i, t in enumerate(tasks)}
+    picks = [t["id"] for t in tasks[::6]] + [t["id"] for t in tasks[1::6]] + [t["id"] for t in tasks[2::3]]
+    assert len(picks) == 200
+    view_id, _ = save_view(client, project, picks)
+    shown = _tasks_in_view(ls, project, view_id)
+    assert sorted(shown) == sorted(picks)
+    assert [score[t] for t in shown] == sorted(score[t] for t in picks)
