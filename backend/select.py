@@ -177,7 +177,7 @@ def run_select(settings: Settings, project: int, count: int, *, pool_factor: flo
     store = write_view if store is None else store
     # What is computed is stored, as a Retrieve would: only the tasks this run claims (another
     # holder computing a task stores it), and the uploader checks Label Studio right before storing.
-    claims = RunClaims.from_settings(settings, version, project) if store else None
+    claims = RunClaims.from_settings(settings, version, project, "select") if store else None
     uploader = (PredictionUploader(client, project, on_finished=claims.finished) if claims is not None else None)
 
     def collect(finished: tuple[list, list, dict]) -> None:

@@ -171,22 +171,22 @@ class RunClaims:
     Thread-safe.
     """
 
-    def __init__(self, store: Any, model_version: str, project: Any):
+    def __init__(self, store: Any, model_version: str, project: Any, command: str = "prelabel"):
         from .claims import Heartbeat
 
         self.version = model_version
         self.project = str(project)
-        self.holder = store.holder(f"prelabel:{project}")
+        self.holder = store.holder(f"{command}:{project}")   # the name other holders' logs show
         self._beat = Heartbeat(self.holder)
         self._beat.start()
 
     @classmethod
-    def from_settings(cls, settings: Any, model_version: str, project: Any) -> "RunClaims":
+    def from_settings(cls, settings: Any, model_version: str, project: Any, command: str = "prelabel") -> "RunClaims":
         """In MODEL_DIR's claims file, with the server's lease (GEM_CLAIM_LEASE)."""
         from .claims import ClaimStore
 
         return cls(ClaimStore(os.path.join(settings.model_dir, "claims.sqlite"), lease_s=settings.claim_lease),
-                   model_version, project)
+                   model_version, project, command)
 
     def take(self, task_ids: Iterable) -> set:
         """Claim these tasks; returns those this run now holds (in the ids' own type)."""
