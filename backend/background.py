@@ -118,6 +118,7 @@ class BackgroundFinisher:
         self._thread: threading.Thread | None = None
         self._beat = Heartbeat(self.holder)
         self._adopted = 0.0
+        self._poked = False       # set with every wake-up, so one that comes mid-iteration is not lost
         if metrics is not None and self.available:
             metrics.label_studio_reachable.set(1)
             metrics.before_render.append(self._set_gauge)
@@ -161,7 +162,7 @@ class BackgroundFinisher:
         self._start()
         with self._cond:        # already running and idle: adopt and look now
             self._adopted = 0.0
-            self._cond.notify_all()
+            self._wake()
 
     def submit(self, tasks: Sequence[Mapping[str, Any]], job: PredictionJob, project: int,
                label_config: str | None = None) -> list[bool]:
@@ -176,7 +177,7 @@ class BackgroundFinisher:
         taken = self.outbox.put_tasks(tasks, version, project, key, self.max_queue)
         with self._cond:
             self._mine.update((str(task_id(t)), version) for t, ok in zip(tasks, taken) if ok)
-            self._cond.notify_all()
+            self._wake()
         self._set_gauge()
         self._start()
         if any(taken):
@@ -196,7 +197,7 @@ class BackgroundFinisher:
         with self._cond:
             self._stopping = True
             left = len(self._mine)
-            self._cond.notify_all()
+            self._wake()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
@@ -213,8 +214,15 @@ class BackgroundFinisher:
 
     def _sleep(self, seconds: float) -> None:
         with self._cond:
-            if not self._stopping:
+            if not self._stopping and not self._poked:
                 self._cond.wait(max(0.01, seconds))
+            self._poked = False
+
+    def _wake(self) -> None:
+        """Wake the worker now; caller holds self._cond. Remembered when the worker is not waiting
+        (in the middle of an iteration), so its next sleep returns at once."""
+        self._poked = True
+        self._cond.notify_all()
 
     def _stopped(self) -> bool:
         with self._cond:
@@ -460,7 +468,7 @@ class BackgroundFinisher:
                     self.refresh_max_tasks)
         self._start()
         with self._cond:
-            self._cond.notify_all()
+            self._wake()
         return True
 
     def _note_refresh(self, event: str) -> None:
@@ -547,7 +555,7 @@ class BackgroundFinisher:
         self.holder.release([str(t["id"]) for t, ok in zip(chosen, taken) if not ok], version)
         with self._cond:
             self._mine.update(queued)
-            self._cond.notify_all()
+            self._wake()
         self._count_refresh("queued", len(queued))
         self._note_refresh("started")
         self._set_gauge()
@@ -609,7 +617,7 @@ class BackgroundFinisher:
             self.metrics.label_studio_reachable.set(1 if reachable else 0)
         if reachable:
             with self._cond:
-                self._cond.notify_all()
+                self._wake()
 
     def _count(self, outcome: str, n: int = 1, rows: Sequence[Row] = ()) -> None:
         self.counts[outcome] += n
