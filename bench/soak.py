@@ -470,8 +470,9 @@ def soak_inprocess(args, workdir: Path, photos: PhotoServer, log=print) -> SoakR
 # Output
 
 
-def plot(results: list[SoakResult], path: Path) -> None:
-    """The RSS curves as a PNG, drawn with Pillow (no plotting library needed)."""
+def plot(results: list[SoakResult], path: Path, notes: list[str] | None = None) -> None:
+    """The RSS curves as a PNG, drawn with Pillow (no plotting library needed). `notes`: a few
+    words per result for the legend (what the file does not say, e.g. an old default)."""
     width, height, left, right, top, bottom = 800, 450, 70, 20, 40, 50
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
@@ -504,7 +505,12 @@ def plot(results: list[SoakResult], path: Path) -> None:
         for x, y in xy:
             draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=colour)
         label = f"-- {r.path}, input {r.image_size or 'default'} px, {r.reached()} of {r.n} " + " ".join(r.server_env)
-        draw.text((left + 10, top + 8 + 14 * i), label, fill=colour)
+        if r.broken_every:
+            label += f" every {r.broken_every}th image broken"
+        if notes and i < len(notes) and notes[i]:
+            label += f" ({notes[i]})"
+        # the legend in the lower right, where the curves (rising, then flat near the top) leave room
+        draw.text((left + 200, height - bottom - 14 * (len(results) - i) - 6), label, fill=colour)
     image.save(path)
 
 
@@ -541,6 +547,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--png", type=Path, default=None, help="save the RSS curve here")
     parser.add_argument("--replot", type=Path, nargs="+", default=None,
                         help="no soak: draw --png from these --json or .partial.json files and print their summaries")
+    parser.add_argument("--notes", nargs="+", default=None,
+                        help="replot: a few words per result for the legend, in order ('' for none)")
     args = parser.parse_args(argv)
     # `kill PID` (SIGTERM) ends the run the way Ctrl-C does: the servers it started are stopped
     # (their `finally`), not left running as orphans.
@@ -550,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in results:
             print(json.dumps(r.summary()))
         if args.png:
-            plot(results, args.png)
+            plot(results, args.png, args.notes)
         return 0
     args.broken_every = int(round(1 / args.broken)) if args.broken > 0 else 0
     args.photo_wh = tuple(int(v) for v in args.photo_size.lower().split("x"))
